@@ -1,0 +1,1 @@
+"""fastmlr.export — ONNX and TensorRT export with validation against the PyTorch reference."""

@@ -1,0 +1,54 @@
+"""What every fastmlr model shares: a backbone, the class count, the image size, input checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from fastmlr.backbones import backbone_spec, build_backbone
+from fastmlr.checks import check_images
+
+
+class MLRModel(nn.Module):
+    """Base class. Subclasses build their head on ``self.features`` (a stride-32 backbone).
+
+    ``fixed_size`` is True for models whose layer widths depend on the image size (LCE): their
+    inputs must be exactly ``image_size`` square.
+    """
+
+    model_name = "?"
+    fixed_size = False
+
+    def __init__(
+        self,
+        backbone: str = "resnet101",
+        num_classes: int = 80,
+        image_size: int = 448,
+        backbone_weights: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 32 or image_size % 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+        self.spec = backbone_spec(backbone)
+        self.backbone_name = backbone
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.features = build_backbone(backbone, backbone_weights)
+        self.config: dict = {}
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the stride-32 map for ``image_size`` inputs."""
+        return self.image_size // 32
+
+    def check_input(self, images: torch.Tensor) -> None:
+        check_images(images, self.image_size if self.fixed_size else None)
+
+    @staticmethod
+    def remap_checkpoint_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a foreign checkpoint's keys onto this model's (identity by default)."""
+        return state_dict

@@ -1,0 +1,86 @@
+"""Backend selection shared by every dispatching op in ``fastmlr.kernels``.
+
+Each op takes ``backend="auto" | "torch" | "triton"``:
+
+- ``"auto"`` runs the Triton kernel when every tensor is on CUDA and triton imports, else torch;
+- ``"torch"`` runs the torch reference (the test oracle);
+- ``"triton"`` runs the Triton kernel. Triton needs CUDA tensors, or CPU tensors with
+  ``TRITON_INTERPRET=1`` set before triton is first imported (how CI tests the kernels). When it
+  cannot run, the op falls back to torch and says so once per op through :mod:`logging`.
+
+``use_backend(name)`` forces one backend for every dispatching op inside the ``with`` block, whatever
+the ``backend=`` argument says (benchmarks and parity tests use it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+logger = logging.getLogger("fastmlr.kernels")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmlr_backend", default=None)
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` works."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` (``"torch"`` or ``"triton"``) for every dispatching op inside the block."""
+    if name not in ("torch", "triton"):
+        raise ValueError(f"use_backend takes 'torch' or 'triton', got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _triton_can_run(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """``None`` when Triton can run on ``tensors``, else the reason it cannot."""
+    if not triton_available():
+        return "triton is not importable (pip install triton)"
+    devices = {t.device.type for t in tensors}
+    if devices == {"cuda"}:
+        return None
+    if devices == {"cpu"} and interpreter_enabled():
+        return None
+    return f"tensors are on {sorted(devices)} and TRITON_INTERPRET is not set (Triton needs CUDA tensors)"
+
+
+def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
+    """The backend ``op`` runs with: ``"torch"`` or ``"triton"`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    backend = _forced.get() or backend
+    if backend == "torch":
+        return "torch"
+    reason = _triton_can_run(tensors)
+    if backend == "auto":
+        return "triton" if reason is None and all(t.is_cuda for t in tensors) else "torch"
+    if reason is not None:
+        if op not in _warned:
+            _warned.add(op)
+            logger.warning("%s: Triton backend requested but %s; falling back to torch", op, reason)
+        return "torch"
+    return "triton"

@@ -1,0 +1,34 @@
+"""Test configuration. Triton kernels run on CPU in Triton's interpreter, which must be switched on
+before triton is first imported — hence at the very top of the test session."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_IMAGES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "images"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_images() -> list[pathlib.Path]:
+    """The real images in ``../shared/images`` (COCO and VOC), sorted."""
+    paths = sorted(SHARED_IMAGES.rglob("*.jpg"))
+    if not paths:
+        pytest.skip(f"no images under {SHARED_IMAGES}")
+    return paths
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
