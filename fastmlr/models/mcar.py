@@ -1,0 +1,123 @@
+"""MCAR — Learning to Discover Multi-Class Attentional Regions (Gao & Zhou, TIP 2021).
+
+Two streams share one backbone and one 1×1 classifier. The global stream scores the whole image;
+the global-to-local step turns the top-N class activation maps into boxes (max-marginals, eq. 5–7,
+exactly as ``shared/docs/mcar-localization.md`` states the released code's behaviour), crops and
+resizes them to the input size, and the local stream scores every region. The final score is the
+per-class max of the two streams. The state-dict layout is the released code's (``features.0..7``,
+``convclass``), so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmlr import kernels
+from fastmlr.checks import check_threshold, check_topn
+from fastmlr.models.base import MLRModel
+from fastmlr.models.baseline import check_pooling, global_pool
+from fastmlr.registry import register_model
+
+
+class MCARStages(NamedTuple):
+    """Everything one MCAR forward computes (eval mode).
+
+    ``global_scores`` and ``local_scores`` are ``[B, C]`` probabilities (eq. 2 and eq. 3),
+    ``probs`` their per-class max; ``indices`` ``[B, N]`` the selected classes, best first;
+    ``boxes`` ``[B, N, 4]`` int64 ``(x1, y1, x2, y2)``, half-open, in input pixels.
+    """
+
+    probs: torch.Tensor
+    global_scores: torch.Tensor
+    local_scores: torch.Tensor
+    indices: torch.Tensor
+    boxes: torch.Tensor
+
+
+def select_top_classes(global_scores: torch.Tensor, topn: int) -> torch.Tensor:
+    """``[B, C] -> [B, topn]`` class indices ranked by score, descending; ties keep the lower index."""
+    return torch.sort(global_scores, dim=1, descending=True, stable=True).indices[:, :topn]
+
+
+def mcar_loss(
+    global_probs: torch.Tensor, local_probs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """The pair loss ``L = L_g + L_l`` (eq. 8), each a binary cross-entropy over images and classes
+    (eq. 9). ``reduction="sum"`` is eq. 9 to the letter; ``"mean"`` divides each term by ``M·C``."""
+    if global_probs.shape != targets.shape or local_probs.shape != targets.shape:
+        raise ValueError(
+            f"mcar_loss: probabilities {tuple(global_probs.shape)} / {tuple(local_probs.shape)} "
+            f"and targets {tuple(targets.shape)} must have the same shape"
+        )
+    targets = targets.to(global_probs.dtype)
+    return F.binary_cross_entropy(global_probs, targets, reduction=reduction) + F.binary_cross_entropy(
+        local_probs, targets, reduction=reduction
+    )
+
+
+@register_model("mcar")
+class MCAR(MLRModel):
+    """MCAR with options ``pooling`` (``"gwp"``: eq. 15 with λ = 0.5; or ``"avg"``, ``"max"``),
+    ``topn`` (classes localized per image, 4) and ``threshold`` (τ of eq. 7, 0.5).
+
+    Eval: ``model(images) -> [B, C]`` final probabilities; :meth:`forward_stages` returns every stage.
+    Train: ``model(images) -> (global_probs, local_probs)`` for :func:`mcar_loss`.
+    """
+
+    def __init__(self, *, pooling: str = "gwp", topn: int = 4, threshold: float = 0.5, **kw) -> None:
+        super().__init__(**kw)
+        self.pooling = check_pooling(pooling)
+        self.topn = check_topn(topn, self.num_classes)
+        self.threshold = check_threshold(threshold)
+        self.convclass = nn.Conv2d(self.spec.out_channels, self.num_classes, kernel_size=1)
+
+    def global_stream(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images -> (global_scores [B, C], cam_logits [B, C, h, w])``.
+
+        Scores are eq. 1–2 on the pooled features; the class activation maps are eq. 4, the same
+        classifier applied at every position (before the sigmoid).
+        """
+        feats = self.features(images)
+        scores = torch.sigmoid(self.convclass(global_pool(feats, self.pooling)).flatten(1))
+        return scores, self.convclass(feats)
+
+    def global_to_local(
+        self, images: torch.Tensor, global_scores: torch.Tensor, cam_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Select the top-N classes, localize one box per class (eq. 5–7) and crop-resize the regions
+        to the input size: ``-> (indices [B, N], boxes [B, N, 4], regions [B·N, 3, H, W])``."""
+        indices = select_top_classes(global_scores.detach(), self.topn)
+        size = tuple(images.shape[-2:])
+        boxes = kernels.localize_regions(cam_logits.detach(), indices, size, self.threshold)
+        regions = kernels.crop_resize(images, boxes, size)
+        return indices, boxes, regions.flatten(0, 1)
+
+    def local_stream(self, regions: torch.Tensor, batch: int) -> torch.Tensor:
+        """``[B·N, 3, H, W] -> [B, C]``: the shared backbone and classifier on every region, sigmoid,
+        then the per-class max over each image's N regions (eq. 3)."""
+        feats = self.features(regions)
+        probs = torch.sigmoid(self.convclass(global_pool(feats, self.pooling)).flatten(1))
+        return probs.view(batch, -1, self.num_classes).amax(dim=1)
+
+    def _streams(self, images: torch.Tensor):
+        self.check_input(images)
+        global_scores, cam_logits = self.global_stream(images)
+        indices, boxes, regions = self.global_to_local(images, global_scores, cam_logits)
+        local_scores = self.local_stream(regions, images.shape[0])
+        return global_scores, local_scores, indices, boxes
+
+    def forward_stages(self, images: torch.Tensor) -> MCARStages:
+        """Every stage of the two-stream forward (see :class:`MCARStages`)."""
+        global_scores, local_scores, indices, boxes = self._streams(images)
+        return MCARStages(torch.maximum(global_scores, local_scores), global_scores, local_scores, indices, boxes)
+
+    def forward(self, images: torch.Tensor):
+        """Eval: final probabilities ``[B, C]``. Train: ``(global_probs, local_probs)``."""
+        global_scores, local_scores, _, _ = self._streams(images)
+        if self.training:
+            return global_scores, local_scores
+        return torch.maximum(global_scores, local_scores)
