@@ -29,7 +29,7 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmlr_ba
 _warned: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works."""
     try:

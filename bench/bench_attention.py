@@ -1,0 +1,250 @@
+"""Peak memory and time of the per-category attention paths: fused/chunked vs naive broadcast.
+
+Usage (the full grid; several GB of RAM for the naive rows at B = 16)::
+
+    python bench/bench_attention.py --out bench/results/attention_cpu.json
+    python bench/bench_attention.py --device cuda --out bench/results/attention_cuda.json
+    python bench/bench_attention.py --batch 1 --classes 5 --positions 9 --dim 64 --out /tmp/a.json  # smoke
+
+Paths (inference, ``torch.no_grad``; ``--train`` adds the backward of ``sum(output)``):
+
+- ``srdl``: ``SA = sigmoid(tanh_attention_scores(P, Q, w, b))``, ``f = srdl_max_pool(F, SA, CA)``;
+- ``ssgrl``: ``s = tanh_attention_scores(P, Q, w, b)``, ``f = softmax_attention_pool(F, s)``.
+
+Implementations: ``naive`` (the ``*_reference`` broadcast forms), ``chunked`` (``backend="torch"``:
+the memory-bounded torch path) and, on CUDA, ``triton`` (the fused kernels).
+
+Each (path, implementation, batch) runs in its own subprocess so that peak memory is its own. Peak
+activation memory = peak during the first call minus what was held just before it (inputs
+included in the latter): on CUDA from ``torch.cuda.max_memory_allocated``; on CPU from the process's
+peak resident set (``VmHWM``, reset to the current RSS through ``/proc/self/clear_refs``: Linux), which
+also counts allocator slack and so is an upper bound. A warm-up call on tiny inputs precedes the
+window. Time = median of ``--repeats`` calls after the measured one.
+
+Writes JSON (results, naive/impl ratios, environment) and a markdown table beside it (``.md``).
+Targets: chunked/fused peak <= 1/10 of naive at B = 16; fused >= 2x faster than naive on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _env import capture_environment, describe_machine
+from fastmlr.kernels import (
+    softmax_attention_pool,
+    softmax_attention_pool_reference,
+    srdl_max_pool,
+    srdl_max_pool_reference,
+    tanh_attention_scores,
+    tanh_attention_scores_reference,
+)
+
+PATHS = ("srdl", "ssgrl")
+MEMORY_TARGET = 0.1  # chunked/fused peak over naive peak at the largest batch
+SPEED_TARGET = 2.0  # naive time over fused time on GPU
+
+
+def make_inputs(batch: int, classes: int, positions: int, dim: int, device: str) -> dict[str, torch.Tensor]:
+    """Seeded fp32 inputs of both paths: features ``F``, projections ``P``/``Q``, ``f_s`` and ``CA``."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=gen)).to(device)
+
+    return {
+        "F": torch.relu(randn(batch, positions, dim)),
+        "P": randn(batch, positions, dim),
+        "Q": randn(classes, dim),
+        "w": randn(dim, scale=dim**-0.5),
+        "b": randn(1),
+        "CA": torch.sigmoid(randn(batch, classes, dim)),
+    }
+
+
+def run_path(path: str, impl: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward of ``path`` with ``impl`` (``naive`` | ``chunked`` | ``triton``)."""
+    if impl == "naive":
+        scores = tanh_attention_scores_reference(x["P"], x["Q"], x["w"], x["b"])
+        if path == "srdl":
+            return srdl_max_pool_reference(x["F"], torch.sigmoid(scores), x["CA"])
+        return softmax_attention_pool_reference(x["F"], scores)
+    backend = "torch" if impl == "chunked" else "triton"
+    scores = tanh_attention_scores(x["P"], x["Q"], x["w"], x["b"], backend=backend)
+    if path == "srdl":
+        return srdl_max_pool(x["F"], torch.sigmoid(scores), x["CA"], backend=backend)
+    return softmax_attention_pool(x["F"], scores, backend=backend)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _proc_status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process from ``/proc/self/status``, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _start_peak_window(device: str) -> int:
+    """Reset the peak-memory counter to what is held now and return that (bytes)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    return _proc_status_bytes("VmRSS")
+
+
+def _peak_in_window(device: str) -> int:
+    """Peak allocated (CUDA) or resident (CPU) bytes since :func:`_start_peak_window`."""
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
+
+
+def measure(path: str, impl: str, batch: int, classes: int, positions: int, dim: int, device: str,
+            repeats: int, train: bool) -> dict:
+    """Peak activation bytes of the first call and median ms of ``repeats`` more (run in a worker)."""
+    x = make_inputs(batch, classes, positions, dim, device)
+    if train:
+        for key in ("F", "P", "Q", "w", "b", "CA"):
+            x[key].requires_grad_(True)
+
+    def call() -> None:
+        with torch.set_grad_enabled(train):
+            out = run_path(path, impl, x)
+            if train:
+                out.sum().backward()
+        _sync(device)
+
+    with torch.no_grad():  # load code paths and lazy state on tiny inputs, outside the window
+        run_path(path, impl, make_inputs(1, 2, 3, 4, device))
+    _sync(device)
+    before = _start_peak_window(device)
+    call()
+    peak = _peak_in_window(device) - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - start))
+    return {"path": path, "impl": impl, "batch": batch, "peak_bytes": peak,
+            "time_ms": statistics.median(times), "times_ms": times}
+
+
+def run_worker(args: argparse.Namespace, path: str, impl: str, batch: int) -> dict:
+    """:func:`measure` in a fresh subprocess (so its peak memory is its own)."""
+    command = [sys.executable, __file__, "--worker", path, impl, str(batch),
+               "--classes", str(args.classes), "--positions", str(args.positions), "--dim", str(args.dim),
+               "--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.train:
+        command.append("--train")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {path}/{impl}/B={batch} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """For every non-naive row: naive peak / its peak and naive time / its time (same path, batch)."""
+    naive = {(r["path"], r["batch"]): r for r in results if r["impl"] == "naive"}
+    rows = []
+    for r in results:
+        base = naive.get((r["path"], r["batch"]))
+        if r["impl"] == "naive" or base is None:
+            continue
+        rows.append({"path": r["path"], "impl": r["impl"], "batch": r["batch"],
+                     "memory_fraction_of_naive": r["peak_bytes"] / max(1, base["peak_bytes"]),
+                     "speedup_vs_naive": base["time_ms"] / r["time_ms"]})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    """The results and ratios as markdown tables, with the targets and the GPU status."""
+    cfg = report["config"]
+    lines = [f"# Per-category attention: fused/chunked vs naive ({cfg['device']}, "
+             f"{'forward+backward' if cfg['train'] else 'inference'})", "",
+             f"C = {cfg['classes']}, HW = {cfg['positions']}, D = {cfg['dim']}, fp32; "
+             f"machine: {describe_machine(report['environment'])}.", "",
+             f"Peak = {report['memory_measure']}; time = median of {cfg['repeats']} calls.", "",
+             "| path | impl | B | peak MiB | time ms |", "|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['path']} | {r['impl']} | {r['batch']} | {r['peak_bytes'] / 2**20:.1f} | "
+                     f"{r['time_ms']:.2f} |")
+    lines += ["", "| path | impl | B | peak / naive peak | speed-up vs naive |", "|---|---|---|---|---|"]
+    for r in report["ratios"]:
+        lines.append(f"| {r['path']} | {r['impl']} | {r['batch']} | {r['memory_fraction_of_naive']:.4f} | "
+                     f"{r['speedup_vs_naive']:.2f}x |")
+    lines += ["", f"Targets: peak <= {MEMORY_TARGET:g} x naive at the largest batch; fused >= "
+              f"{SPEED_TARGET:g}x faster than naive on GPU — GPU: {report['gpu_status']}.", ""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--classes", type=int, default=80)
+    parser.add_argument("--positions", type=int, default=196)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--train", action="store_true", help="measure forward + backward")
+    parser.add_argument("--out", type=Path, required=False, help="JSON file (the .md goes beside it)")
+    parser.add_argument("--worker", nargs=3, metavar=("PATH", "IMPL", "BATCH"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    if min(args.batch + [args.classes, args.positions, args.dim, args.repeats, args.threads]) < 1:
+        raise SystemExit("--batch, --classes, --positions, --dim, --repeats, --threads must be positive")
+    if args.worker:
+        path, impl, batch = args.worker
+        print(json.dumps(measure(path, impl, int(batch), args.classes, args.positions, args.dim,
+                                 args.device, args.repeats, args.train)))
+        return 0
+    impls = ["naive", "chunked"] + (["triton"] if args.device == "cuda" else [])
+    results = []
+    for path in args.paths:
+        for batch in args.batch:
+            for impl in impls:
+                results.append(run_worker(args, path, impl, batch))
+                r = results[-1]
+                print(f"{path:6s} {impl:8s} B={batch:<3d} peak {r['peak_bytes'] / 2**20:10.1f} MiB  "
+                      f"{r['time_ms']:10.2f} ms", flush=True)
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+        "memory_measure": ("torch.cuda.max_memory_allocated minus allocated before the call"
+                           if args.device == "cuda" else
+                           "peak RSS (VmHWM, reset through /proc/self/clear_refs) during the call "
+                           "minus RSS before it"),
+        "gpu_status": "measured" if args.device == "cuda" else "not measured (CPU run)",
+        "results": results,
+        "ratios": ratios(results),
+        "environment": capture_environment(),
+    }
+    text = markdown(report)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""``fastmlr evaluate``: a model's mAP, CP/CR/CF1, OP/OR/OF1 (and top-3) on COCO or VOC, with any
+backend — the eager PyTorch model, ONNX Runtime on the exported graph, or a TensorRT engine — and,
+with ``--compare``, the accuracy check of an exported engine against another backend on the same
+images: the largest probability difference and the mAP difference.
+
+Images are loaded in batches by a ``DataLoader`` with workers; unreadable images are skipped with a
+warning and counted (``skipped_images``). Every backend sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pathlib
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from fastmlr.data import (
+    DEFAULT_SPLITS,
+    DIFFICULT_MODES,
+    IGNORE,
+    Batch,
+    Unreadable,
+    build_dataset,
+    collate_skip_unreadable,
+)
+from fastmlr.metrics import evaluate, format_table
+
+BACKENDS = ("eager", "onnxruntime", "trt")
+
+# A backend: float [B, 3, S, S] images (CPU) -> [B, C] probabilities (numpy float).
+Predictor = Callable[[torch.Tensor], np.ndarray]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastmlr evaluate`` options."""
+    parser.add_argument("--model", required=True, help="registered model name (fastmlr.list_models())")
+    parser.add_argument("--backbone", default="resnet101", help="resnet50 | resnet101 | mobilenet_v2")
+    parser.add_argument("--size", type=int, default=448, help="input side S (images resized to S×S)")
+    parser.add_argument("--checkpoint", help="weights: a fastmlr checkpoint or a released-code one")
+    parser.add_argument(
+        "--num-classes", type=int, help="the model's class count (default: the dataset's); must match it"
+    )
+    parser.add_argument("--data", required=True, choices=("coco", "voc"))
+    parser.add_argument(
+        "--root", required=True,
+        help="COCO: the directory holding {split}2014/ (or the images themselves) and annotations/; "
+        "VOC: VOCdevkit/VOC2007 (or VOC2012)",
+    )
+    parser.add_argument(
+        "--ann", help="COCO annotation file (default ROOT/annotations/instances_{split}2014.json)"
+    )
+    parser.add_argument("--split", help="COCO: val (default) | train; VOC: test (default) | trainval | val …")
+    parser.add_argument(
+        "--difficult", choices=DIFFICULT_MODES, default="ignore",
+        help="VOC: a class present only as 'difficult' objects is left out of the metrics (ignore, the "
+        "devkit's rule) or counted absent (negative)",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="eager")
+    parser.add_argument(
+        "--compare", choices=BACKENDS, help="also run this backend on the same images and compare"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available"
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="label threshold for CP…OF1 (MCAR's paper used 0.6)"
+    )
+    parser.add_argument("--out", help="write the results as JSON to this file")
+
+
+def check_positive(value: int | None, name: str) -> None:
+    """``value`` must be None or a positive integer (ValueError naming option ``name``)."""
+    if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU → ValueError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def check_class_count(model_classes: int, dataset_classes: int, what: str = "the model") -> None:
+    """ValueError when a model (or a backend's output) and the dataset disagree on the class count."""
+    if model_classes != dataset_classes:
+        raise ValueError(
+            f"{what} predicts {model_classes} classes but the dataset has {dataset_classes}: "
+            "evaluate a model trained on this dataset (or pass the matching --num-classes)"
+        )
+
+
+def as_numpy(array: Any) -> np.ndarray:
+    """A torch tensor (any device) or array-like as a float32 numpy array."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float32)
+
+
+def eager_predictor(model: nn.Module, device: torch.device) -> Predictor:
+    """The PyTorch model itself, in eval mode on ``device``."""
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def predict(images: torch.Tensor) -> np.ndarray:
+        return as_numpy(model(images.to(device)))
+
+    return predict
+
+
+def select_probs_output(output_names: list[str]) -> int:
+    """Index of the probabilities among a graph's outputs: the one named ``probs`` if any, else the
+    first (MCAR's graph returns ``(probs, boxes, indices)``)."""
+    return output_names.index("probs") if "probs" in output_names else 0
+
+
+def onnxruntime_predictor(
+    model: nn.Module, image_size: int, batch_size: int, device: torch.device, workdir: pathlib.Path
+) -> Predictor:
+    """Export ``model`` with :func:`fastmlr.export.to_onnx` (dynamic batch) into ``workdir`` and run
+    the graph with ONNX Runtime (CUDA execution provider on a CUDA ``device`` when available)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise RuntimeError('--backend onnxruntime needs onnxruntime: pip install -e ".[onnx]"') from err
+    from fastmlr import export
+
+    if not hasattr(export, "to_onnx"):
+        raise RuntimeError("fastmlr.export.to_onnx is not available in this installation")
+    path = workdir / f"{getattr(model, 'model_name', 'model')}.onnx"
+    cpu_model = copy.deepcopy(model).cpu().eval()  # the eager backend may hold ``model`` on the GPU
+    export.to_onnx(cpu_model, path, image_size=image_size, batch=batch_size, dynamic_batch=True)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    input_name = session.get_inputs()[0].name
+    output_name = session.get_outputs()[select_probs_output([o.name for o in session.get_outputs()])].name
+
+    def predict(images: torch.Tensor) -> np.ndarray:
+        return as_numpy(session.run([output_name], {input_name: images.numpy()})[0])
+
+    return predict
+
+
+def pad_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``images`` completed to ``batch_size`` rows by repeating the last one (for static-batch engines)."""
+    missing = batch_size - len(images)
+    return images if missing <= 0 else torch.cat([images, images[-1:].expand(missing, -1, -1, -1)])
+
+
+def trt_predictor(
+    model: nn.Module, image_size: int, batch_size: int, device: torch.device, workdir: pathlib.Path
+) -> Predictor:
+    """Export ``model`` to ONNX (batch ``batch_size``), build an fp32 TensorRT engine with
+    ``fastmlr.export.build_engine`` and run it with ``fastmlr.export.TRTRunner``; a smaller last batch
+    is padded to ``batch_size`` and the padding's outputs dropped. Needs TensorRT and a CUDA device
+    (RuntimeError naming what is missing)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            '--backend trt needs TensorRT, which is not installed: pip install -e ".[trt]" on a machine '
+            "with an NVIDIA GPU"
+        ) from err
+    if device.type != "cuda":
+        raise RuntimeError("--backend trt needs a CUDA device")
+    from fastmlr import export
+
+    missing = [name for name in ("to_onnx", "build_engine", "TRTRunner") if not hasattr(export, name)]
+    if missing:
+        raise RuntimeError(f"--backend trt: fastmlr.export lacks {', '.join(missing)}")
+    stem = getattr(model, "model_name", "model")
+    onnx_path = export.to_onnx(
+        copy.deepcopy(model).cpu().eval(), workdir / f"{stem}.onnx", image_size=image_size, batch=batch_size
+    )
+    runner = export.TRTRunner(export.build_engine(onnx_path, workdir / f"{stem}.engine", precision="fp32"))
+
+    def predict(images: torch.Tensor) -> np.ndarray:
+        outputs = runner(pad_batch(images, batch_size).to(device))
+        return as_numpy(outputs[0])[: len(images)]  # probs come first (fastmlr.export's graphs)
+
+    return predict
+
+
+def build_predictor(
+    backend: str,
+    model: nn.Module,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    workdir: pathlib.Path,
+) -> Predictor:
+    """The :data:`Predictor` of ``backend`` for ``model`` (exported files go to ``workdir``)."""
+    if backend == "eager":
+        return eager_predictor(model, device)
+    if backend == "onnxruntime":
+        return onnxruntime_predictor(model, image_size, batch_size, device, workdir)
+    if backend == "trt":
+        return trt_predictor(model, image_size, batch_size, device, workdir)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def collect_scores(
+    batches: Iterable[Batch], predictors: dict[str, Predictor], num_classes: int, progress: Any = None
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[Unreadable]]:
+    """Run every predictor on every batch: ``({backend: scores [N, C]}, targets [N, C], unreadable)``.
+
+    Each unreadable image is warned about (``warnings.warn``) as it is met. ``progress`` (a tqdm bar
+    or None) advances by the batch's item count, readable or not. Each predictor's output must be
+    ``[b, C]`` with C = ``num_classes`` (ValueError otherwise).
+    """
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
+    targets: list[np.ndarray] = []
+    unreadable: list[Unreadable] = []
+    for batch in batches:
+        for item in batch.unreadable:
+            warnings.warn(f"skipping unreadable image: {item.reason}", stacklevel=2)
+        unreadable += batch.unreadable
+        if batch.images is not None:
+            for name, predict in predictors.items():
+                probs = np.asarray(predict(batch.images))
+                if probs.ndim != 2 or probs.shape[0] != len(batch.images):
+                    raise ValueError(
+                        f"backend {name} returned shape {probs.shape} for {len(batch.images)} images"
+                    )
+                check_class_count(probs.shape[1], num_classes, f"backend {name}")
+                scores[name].append(probs)
+            targets.append(batch.targets.numpy())
+        if progress is not None:
+            progress.update(len(batch.unreadable) + (0 if batch.images is None else len(batch.images)))
+    if not targets:
+        raise ValueError(f"no image could be read ({len(unreadable)} skipped): check the image directory")
+    all_scores = {name: np.concatenate(parts) for name, parts in scores.items()}
+    return all_scores, np.concatenate(targets), unreadable
+
+
+def score_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float, classes: list[str]) -> dict:
+    """:func:`fastmlr.metrics.evaluate` on dataset targets (``IGNORE`` entries left out), with the
+    per-class AP keyed by class name."""
+    result = evaluate(scores, targets == 1, threshold=threshold, ignore=targets == IGNORE)
+    result["AP"] = dict(zip(classes, result["AP"], strict=True))
+    result["classes_without_positives"] = [classes[i] for i in result["classes_without_positives"]]
+    return result
+
+
+def comparison(scores: np.ndarray, reference: np.ndarray, metrics: dict, reference_metrics: dict) -> dict:
+    """How far ``scores`` (and their ``metrics``) are from the ``reference`` backend's:
+    ``max_abs_prob_diff`` and ``mean_abs_prob_diff`` over all entries, ``map_diff`` = mAP − reference
+    mAP, in points."""
+    difference = np.abs(scores.astype(np.float64) - reference.astype(np.float64))
+    return {
+        "max_abs_prob_diff": float(difference.max()),
+        "mean_abs_prob_diff": float(difference.mean()),
+        "map_diff": float(metrics["mAP"] - reference_metrics["mAP"]),
+    }
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ValueError for arguments argparse cannot check."""
+    for name in ("size", "batch_size", "limit", "num_classes"):
+        check_positive(getattr(args, name), f"--{name.replace('_', '-')}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.compare == args.backend:
+        raise ValueError(f"--compare {args.compare} is the same backend as --backend")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The metric table (one block per backend), the image counts and the comparison line."""
+    rows = {report["backend"]: report["metrics"]}
+    if "compare" in report:
+        rows[report["compare"]["backend"]] = report["compare"]["metrics"]
+    print(format_table(rows))
+    print(
+        f"{report['num_images']} images evaluated, {report['skipped_images']} skipped as unreadable; "
+        "metrics in %"
+    )
+    if "compare" in report:
+        compare = report["compare"]
+        print(
+            f"{report['backend']} vs {compare['backend']}: max |Δprob| = {compare['max_abs_prob_diff']:.3g}, "
+            f"ΔmAP = {compare['map_diff']:+.4f} points"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fastmlr.registry import create_model
+
+    check_arguments(args)
+    device = resolve_device(args.device)
+    dataset = build_dataset(args.data, args.root, args.split, args.ann, args.size, args.difficult)
+    num_classes = args.num_classes or dataset.num_classes
+    check_class_count(num_classes, dataset.num_classes)
+    model = create_model(
+        args.model, backbone=args.backbone, num_classes=num_classes, image_size=args.size,
+        checkpoint=args.checkpoint,
+    )
+    subset = Subset(dataset, range(min(args.limit, len(dataset)))) if args.limit else dataset
+    loader = DataLoader(
+        subset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skip_unreadable,
+        pin_memory=device.type == "cuda",
+    )
+    backends = [args.backend] + ([args.compare] if args.compare else [])
+    with tempfile.TemporaryDirectory(prefix="fastmlr-evaluate-") as workdir:
+        predictors = {
+            name: build_predictor(name, model, args.size, args.batch_size, device, pathlib.Path(workdir))
+            for name in backends
+        }
+        with tqdm(total=len(subset), unit="img", desc=f"evaluate {'+'.join(backends)}") as progress:
+            scores, targets, unreadable = collect_scores(loader, predictors, dataset.num_classes, progress)
+    metrics = {name: score_metrics(s, targets, args.threshold, dataset.classes) for name, s in scores.items()}
+    report: dict[str, Any] = {
+        "model": args.model, "backbone": args.backbone, "image_size": args.size,
+        "checkpoint": args.checkpoint, "data": args.data, "root": str(args.root),
+        "split": args.split or DEFAULT_SPLITS[args.data], "device": str(device),
+        "num_images": int(len(targets)), "skipped_images": len(unreadable),
+        "unreadable_images": [item._asdict() for item in unreadable],
+        "backend": args.backend, "metrics": metrics[args.backend],
+    }
+    if args.compare:
+        main, other = args.backend, args.compare
+        report["compare"] = {
+            "backend": other, "metrics": metrics[other],
+            **comparison(scores[main], scores[other], metrics[main], metrics[other]),
+        }
+    print_report(report)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return 0
