@@ -164,7 +164,10 @@ def _require_dir(path: pathlib.Path, what: str) -> pathlib.Path:
 def _load_coco_annotations(ann_file: pathlib.Path):
     """A pycocotools ``COCO`` index of ``ann_file`` after checking it has images, categories and
     annotations (ValueError naming the file otherwise)."""
-    from pycocotools.coco import COCO
+    try:
+        from pycocotools.coco import COCO
+    except ImportError as err:
+        raise RuntimeError('reading COCO annotations needs pycocotools: pip install -e ".[eval]"') from err
 
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")

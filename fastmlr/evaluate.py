@@ -36,6 +36,7 @@ from fastmlr.data import (
 from fastmlr.metrics import evaluate, format_table
 
 BACKENDS = ("eager", "onnxruntime", "trt")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 # A backend: float [B, 3, S, S] images (CPU) -> [B, C] probabilities (numpy float).
 Predictor = Callable[[torch.Tensor], np.ndarray]
@@ -71,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="the TensorRT engine's precision (trt only)"
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
@@ -158,42 +162,24 @@ def onnxruntime_predictor(
     return predict
 
 
-def pad_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``images`` completed to ``batch_size`` rows by repeating the last one (for static-batch engines)."""
-    missing = batch_size - len(images)
-    return images if missing <= 0 else torch.cat([images, images[-1:].expand(missing, -1, -1, -1)])
-
-
 def trt_predictor(
-    model: nn.Module, image_size: int, batch_size: int, device: torch.device, workdir: pathlib.Path
+    model: nn.Module, image_size: int, batch_size: int, precision: str, workdir: pathlib.Path
 ) -> Predictor:
-    """Export ``model`` to ONNX (batch ``batch_size``), build an fp32 TensorRT engine with
-    ``fastmlr.export.build_engine`` and run it with ``fastmlr.export.TRTRunner``; a smaller last batch
-    is padded to ``batch_size`` and the padding's outputs dropped. Needs TensorRT and a CUDA device
-    (RuntimeError naming what is missing)."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(
-            '--backend trt needs TensorRT, which is not installed: pip install -e ".[trt]" on a machine '
-            "with an NVIDIA GPU"
-        ) from err
-    if device.type != "cuda":
-        raise RuntimeError("--backend trt needs a CUDA device")
+    """A validated TensorRT engine of ``model`` at ``precision`` for batches 1..``batch_size``
+    (:func:`fastmlr.export.export_engine`), run by :class:`fastmlr.export.TRTRunner`. Without
+    TensorRT or a CUDA GPU, ``fastmlr.export`` raises a RuntimeError saying which is missing."""
     from fastmlr import export
 
-    missing = [name for name in ("to_onnx", "build_engine", "TRTRunner") if not hasattr(export, name)]
-    if missing:
-        raise RuntimeError(f"--backend trt: fastmlr.export lacks {', '.join(missing)}")
     stem = getattr(model, "model_name", "model")
-    onnx_path = export.to_onnx(
-        copy.deepcopy(model).cpu().eval(), workdir / f"{stem}.onnx", image_size=image_size, batch=batch_size
+    cpu_model = copy.deepcopy(model).cpu().eval()  # the eager backend may hold ``model`` on the GPU
+    engine = export.export_engine(
+        cpu_model, workdir / f"{stem}-{precision}.engine", image_size=image_size, precision=precision,
+        min_batch=1, opt_batch=batch_size, max_batch=batch_size,
     )
-    runner = export.TRTRunner(export.build_engine(onnx_path, workdir / f"{stem}.engine", precision="fp32"))
+    runner = export.TRTRunner(engine)
 
     def predict(images: torch.Tensor) -> np.ndarray:
-        outputs = runner(pad_batch(images, batch_size).to(device))
-        return as_numpy(outputs[0])[: len(images)]  # probs come first (fastmlr.export's graphs)
+        return as_numpy(runner(images)["probs"])  # .cpu() waits for the engine's stream
 
     return predict
 
@@ -205,14 +191,16 @@ def build_predictor(
     batch_size: int,
     device: torch.device,
     workdir: pathlib.Path,
+    precision: str = "fp32",
 ) -> Predictor:
-    """The :data:`Predictor` of ``backend`` for ``model`` (exported files go to ``workdir``)."""
+    """The :data:`Predictor` of ``backend`` for ``model`` (exported files go to ``workdir``;
+    ``precision`` is the TensorRT engine's)."""
     if backend == "eager":
         return eager_predictor(model, device)
     if backend == "onnxruntime":
         return onnxruntime_predictor(model, image_size, batch_size, device, workdir)
     if backend == "trt":
-        return trt_predictor(model, image_size, batch_size, device, workdir)
+        return trt_predictor(model, image_size, batch_size, precision, workdir)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -279,6 +267,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.compare == args.backend:
         raise ValueError(f"--compare {args.compare} is the same backend as --backend")
+    if args.precision != "fp32" and "trt" not in (args.backend, args.compare):
+        raise ValueError(f"--precision {args.precision} applies to --backend trt only")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -300,7 +290,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """``fastmlr evaluate``: print the metric table (and the comparison), write the JSON report."""
+    try:
+        from tqdm import tqdm
+    except ImportError as err:
+        raise RuntimeError('fastmlr evaluate needs tqdm: pip install -e ".[eval]"') from err
 
     from fastmlr.registry import create_model
 
@@ -321,7 +315,9 @@ def run(args: argparse.Namespace) -> int:
     backends = [args.backend] + ([args.compare] if args.compare else [])
     with tempfile.TemporaryDirectory(prefix="fastmlr-evaluate-") as workdir:
         predictors = {
-            name: build_predictor(name, model, args.size, args.batch_size, device, pathlib.Path(workdir))
+            name: build_predictor(
+                name, model, args.size, args.batch_size, device, pathlib.Path(workdir), args.precision
+            )
             for name in backends
         }
         with tqdm(total=len(subset), unit="img", desc=f"evaluate {'+'.join(backends)}") as progress:
@@ -333,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
         "split": args.split or DEFAULT_SPLITS[args.data], "device": str(device),
         "num_images": int(len(targets)), "skipped_images": len(unreadable),
         "unreadable_images": [item._asdict() for item in unreadable],
-        "backend": args.backend, "metrics": metrics[args.backend],
+        "backend": args.backend, "precision": args.precision, "metrics": metrics[args.backend],
     }
     if args.compare:
         main, other = args.backend, args.compare

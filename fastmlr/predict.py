@@ -128,9 +128,20 @@ def draw_regions(image: Image.Image, regions: list[Region], names: list[str]) ->
     return canvas
 
 
-def region_image_path(image_path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
-    """``out_dir / {stem}_regions.png``."""
-    return out_dir / f"{image_path.stem}_regions.png"
+def region_image_paths(image_paths: list[pathlib.Path], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Where each image's drawing goes: ``out_dir / {stem}_regions.png``, or ``{stem}_{i}_regions.png``
+    (``i``: its position in ``image_paths``) for stems shared by several images. ValueError if one
+    would overwrite an input image."""
+    stems = [p.stem for p in image_paths]
+    targets = [
+        out_dir / (f"{stem}_regions.png" if stems.count(stem) == 1 else f"{stem}_{i}_regions.png")
+        for i, stem in enumerate(stems)
+    ]
+    inputs = {p.resolve() for p in image_paths}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise ValueError(f"the region image {target} would overwrite an input image: choose another --out")
+    return targets
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -159,6 +170,7 @@ def predict_image(
 
 
 def run(args: argparse.Namespace) -> int:
+    """``fastmlr predict``: print each image's top labels; for MCAR also print and draw its regions."""
     from fastmlr.registry import create_model
 
     check_arguments(args)
@@ -172,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print("note: no --checkpoint, the weights are random", file=sys.stderr)
     names = class_names(args.num_classes)
-    out_dir = pathlib.Path(args.out)
-    for path, image in zip(paths, images, strict=True):
+    targets = region_image_paths(paths, pathlib.Path(args.out))
+    for path, image, target in zip(paths, images, targets, strict=True):
         probs, stages = predict_image(model, image, args.size, device)
         print(f"{path}  ({image.width}x{image.height})")
         for name, p in top_labels(probs, names, args.topk):
@@ -186,10 +198,7 @@ def run(args: argparse.Namespace) -> int:
             box = ", ".join(f"{v:.0f}" for v in r.box)
             mark = "" if r in drawn else "   (not drawn)"
             print(f"  region [{box}]  {region_label(r, names)}  local {r.local_score:.2f}{mark}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = region_image_path(path, out_dir)
-        if target.resolve() == path.resolve():
-            raise ValueError(f"the region image would overwrite its input {path}: choose another --out")
+        target.parent.mkdir(parents=True, exist_ok=True)
         draw_regions(image, drawn, names).save(target)
         print(f"  wrote {target}")
     return 0

@@ -34,6 +34,14 @@ def _import_models() -> None:
     from fastmlr import models  # noqa: F401  (registers every architecture)
 
 
+def _is_plain(value: Any) -> bool:
+    """Options kept in ``model.config`` (and so in checkpoints): plain values and paths. Tensors and
+    arrays (label embeddings, adjacency) are left out — models keep them as buffers in the state dict."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool, os.PathLike))
+
+
 def create_model(
     name: str,
     *,
@@ -56,7 +64,8 @@ def create_model(
     model = _MODELS[name](backbone=backbone, num_classes=num_classes, image_size=image_size, **cfg)
     model.config = {
         "name": name, "backbone": backbone, "num_classes": num_classes, "image_size": image_size,
-        **{k: v for k, v in cfg.items() if k != "backbone_weights"},
+        **{k: os.fspath(v) if isinstance(v, os.PathLike) else v
+           for k, v in cfg.items() if k != "backbone_weights" and _is_plain(v)},
     }
     if checkpoint is not None:
         from fastmlr.checkpoint import load_checkpoint

@@ -38,3 +38,20 @@ def test_backbone_weight_file(tmp_path) -> None:
     torch.save({"foo": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="lacks"):
         fastmlr.create_model("baseline", backbone="mobilenet_v2", backbone_weights=tmp_path / "wrong.pth")
+
+
+def test_config_keeps_plain_options_only(tmp_path) -> None:
+    import numpy as np
+
+    from fastmlr.checkpoint import save_checkpoint
+
+    emb = tmp_path / "emb.npy"
+    np.save(emb, np.random.rand(5, 300).astype("float32"))
+    model = fastmlr.create_model(
+        "mlgcn", backbone="mobilenet_v2", num_classes=5, image_size=64, adjacency=np.eye(5), label_embeddings=emb
+    )
+    assert model.config["label_embeddings"] == str(emb) and "adjacency" not in model.config
+    save_checkpoint(model, tmp_path / "m.pt")  # loads back under weights_only=True
+    again = fastmlr.create_model("mlgcn", backbone="mobilenet_v2", num_classes=5, image_size=64,
+                                 checkpoint=tmp_path / "m.pt")
+    assert torch.equal(again.adjacency, model.adjacency) and torch.equal(again.word_embeddings, model.word_embeddings)
