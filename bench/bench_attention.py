@@ -109,8 +109,9 @@ def _peak_in_window(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
 
 
-def measure(path: str, impl: str, batch: int, classes: int, positions: int, dim: int, device: str,
-            repeats: int, train: bool) -> dict:
+def measure(
+    path: str, impl: str, batch: int, classes: int, positions: int, dim: int, device: str, repeats: int, train: bool
+) -> dict:
     """Peak activation bytes of the first call and median ms of ``repeats`` more (run in a worker)."""
     x = make_inputs(batch, classes, positions, dim, device)
     if train:
@@ -135,15 +136,38 @@ def measure(path: str, impl: str, batch: int, classes: int, positions: int, dim:
         start = time.perf_counter()
         call()
         times.append(1e3 * (time.perf_counter() - start))
-    return {"path": path, "impl": impl, "batch": batch, "peak_bytes": peak,
-            "time_ms": statistics.median(times), "times_ms": times}
+    return {
+        "path": path,
+        "impl": impl,
+        "batch": batch,
+        "peak_bytes": peak,
+        "time_ms": statistics.median(times),
+        "times_ms": times,
+    }
 
 
 def run_worker(args: argparse.Namespace, path: str, impl: str, batch: int) -> dict:
     """:func:`measure` in a fresh subprocess (so its peak memory is its own)."""
-    command = [sys.executable, __file__, "--worker", path, impl, str(batch),
-               "--classes", str(args.classes), "--positions", str(args.positions), "--dim", str(args.dim),
-               "--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        path,
+        impl,
+        str(batch),
+        "--classes",
+        str(args.classes),
+        "--positions",
+        str(args.positions),
+        "--dim",
+        str(args.dim),
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     if args.train:
         command.append("--train")
     done = subprocess.run(command, capture_output=True, text=True)
@@ -160,37 +184,54 @@ def ratios(results: list[dict]) -> list[dict]:
         base = naive.get((r["path"], r["batch"]))
         if r["impl"] == "naive" or base is None:
             continue
-        rows.append({"path": r["path"], "impl": r["impl"], "batch": r["batch"],
-                     "memory_fraction_of_naive": r["peak_bytes"] / max(1, base["peak_bytes"]),
-                     "speedup_vs_naive": base["time_ms"] / r["time_ms"]})
+        rows.append(
+            {
+                "path": r["path"],
+                "impl": r["impl"],
+                "batch": r["batch"],
+                "memory_fraction_of_naive": r["peak_bytes"] / max(1, base["peak_bytes"]),
+                "speedup_vs_naive": base["time_ms"] / r["time_ms"],
+            }
+        )
     return rows
 
 
 def markdown(report: dict) -> str:
     """The results and ratios as markdown tables, with the targets and the GPU status."""
     cfg = report["config"]
-    lines = [f"# Per-category attention: fused/chunked vs naive ({cfg['device']}, "
-             f"{'forward+backward' if cfg['train'] else 'inference'})", "",
-             f"C = {cfg['classes']}, HW = {cfg['positions']}, D = {cfg['dim']}, fp32; "
-             f"machine: {describe_machine(report['environment'])}.", "",
-             f"Peak = {report['memory_measure']}; time = median of {cfg['repeats']} calls.", "",
-             "| path | impl | B | peak MiB | time ms |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Per-category attention: fused/chunked vs naive ({cfg['device']}, "
+        f"{'forward+backward' if cfg['train'] else 'inference'})",
+        "",
+        f"C = {cfg['classes']}, HW = {cfg['positions']}, D = {cfg['dim']}, fp32; "
+        f"machine: {describe_machine(report['environment'])}.",
+        "",
+        f"Peak = {report['memory_measure']}; time = median of {cfg['repeats']} calls.",
+        "",
+        "| path | impl | B | peak MiB | time ms |",
+        "|---|---|---|---|---|",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['path']} | {r['impl']} | {r['batch']} | {r['peak_bytes'] / 2**20:.1f} | "
-                     f"{r['time_ms']:.2f} |")
+        lines.append(
+            f"| {r['path']} | {r['impl']} | {r['batch']} | {r['peak_bytes'] / 2**20:.1f} | {r['time_ms']:.2f} |"
+        )
     lines += ["", "| path | impl | B | peak / naive peak | speed-up vs naive |", "|---|---|---|---|---|"]
     for r in report["ratios"]:
-        lines.append(f"| {r['path']} | {r['impl']} | {r['batch']} | {r['memory_fraction_of_naive']:.4f} | "
-                     f"{r['speedup_vs_naive']:.2f}x |")
-    lines += ["", f"Targets: peak <= {MEMORY_TARGET:g} x naive at the largest batch; fused >= "
-              f"{SPEED_TARGET:g}x faster than naive on GPU — GPU: {report['gpu_status']}.", ""]
+        lines.append(
+            f"| {r['path']} | {r['impl']} | {r['batch']} | {r['memory_fraction_of_naive']:.4f} | "
+            f"{r['speedup_vs_naive']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Targets: peak <= {MEMORY_TARGET:g} x naive at the largest batch; fused >= "
+        f"{SPEED_TARGET:g}x faster than naive on GPU — GPU: {report['gpu_status']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--classes", type=int, default=80)
     parser.add_argument("--positions", type=int, default=196)
@@ -214,8 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--batch, --classes, --positions, --dim, --repeats, --threads must be positive")
     if args.worker:
         path, impl, batch = args.worker
-        print(json.dumps(measure(path, impl, int(batch), args.classes, args.positions, args.dim,
-                                 args.device, args.repeats, args.train)))
+        print(
+            json.dumps(
+                measure(
+                    path,
+                    impl,
+                    int(batch),
+                    args.classes,
+                    args.positions,
+                    args.dim,
+                    args.device,
+                    args.repeats,
+                    args.train,
+                )
+            )
+        )
         return 0
     impls = ["naive", "chunked"] + (["triton"] if args.device == "cuda" else [])
     results = []
@@ -224,14 +278,18 @@ def main(argv: list[str] | None = None) -> int:
             for impl in impls:
                 results.append(run_worker(args, path, impl, batch))
                 r = results[-1]
-                print(f"{path:6s} {impl:8s} B={batch:<3d} peak {r['peak_bytes'] / 2**20:10.1f} MiB  "
-                      f"{r['time_ms']:10.2f} ms", flush=True)
+                print(
+                    f"{path:6s} {impl:8s} B={batch:<3d} peak {r['peak_bytes'] / 2**20:10.1f} MiB  "
+                    f"{r['time_ms']:10.2f} ms",
+                    flush=True,
+                )
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
-        "memory_measure": ("torch.cuda.max_memory_allocated minus allocated before the call"
-                           if args.device == "cuda" else
-                           "peak RSS (VmHWM, reset through /proc/self/clear_refs) during the call "
-                           "minus RSS before it"),
+        "memory_measure": (
+            "torch.cuda.max_memory_allocated minus allocated before the call"
+            if args.device == "cuda"
+            else "peak RSS (VmHWM, reset through /proc/self/clear_refs) during the call minus RSS before it"
+        ),
         "gpu_status": "measured" if args.device == "cuda" else "not measured (CPU run)",
         "results": results,
         "ratios": ratios(results),

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
+from fastmlr.kernels import _dispatch
 
 from fastmlr import kernels
-from fastmlr.kernels import _dispatch
 
 
 def test_resolve_backend_choices(monkeypatch) -> None:

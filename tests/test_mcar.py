@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import calibrate_batchnorm
 from oracles import released_global_to_local
 from torch import nn
 
@@ -16,7 +17,9 @@ from fastmlr.models.mcar import mcar_loss
 
 def small_mcar(**cfg) -> nn.Module:
     cfg = {"backbone": "mobilenet_v2", "num_classes": 10, "image_size": 64, **cfg}
-    return fastmlr.create_model("mcar", **cfg)
+    model = fastmlr.create_model("mcar", **cfg)
+    size = model.image_size
+    return calibrate_batchnorm(model, torch.rand(4, 3, size, size))
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50", "resnet101"])
@@ -38,19 +41,20 @@ def test_batch_equals_one_by_one() -> None:
     with torch.no_grad():
         batched = model.forward_stages(images)
         single = [model.forward_stages(images[i : i + 1]) for i in range(3)]
+    assert len({tuple(b.flatten().tolist()) for b in batched.boxes}) > 1, "boxes should depend on the image"
     assert torch.equal(batched.boxes, torch.cat([s.boxes for s in single]))
     assert torch.equal(batched.indices, torch.cat([s.indices for s in single]))
     torch.testing.assert_close(batched.probs, torch.cat([s.probs for s in single]), atol=1e-5, rtol=0)
 
 
 def released_state_dict(backbone: str, num_classes: int, prefix: str = "module.") -> dict:
-    """A state dict in the released code's layout, built independently of fastmlr."""
+    """A state dict in the released code's layout, built independently of fastmlr, with batch-norm
+    statistics measured on random images so that scores depend on the image (not saturated)."""
     tv = getattr(torchvision.models, backbone)(weights=None)
     features = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool, tv.layer1, tv.layer2, tv.layer3, tv.layer4)
-    for m in features.modules():  # non-trivial batch-norm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    holder = nn.Module()
+    holder.features = features
+    calibrate_batchnorm(holder, torch.rand(4, 3, 128, 128))
     convclass = nn.Conv2d(2048, num_classes, 1)
     state = {f"features.{k}": v for k, v in features.state_dict().items()}
     state.update({f"convclass.{k}": v for k, v in convclass.state_dict().items()})
@@ -84,16 +88,18 @@ def test_released_checkpoint_gives_released_predictions(tmp_path) -> None:
     model = fastmlr.create_model("mcar", backbone="resnet50", num_classes=6, image_size=128, checkpoint=path)
     images = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
-        ours = model(images)
+        stages = model.forward_stages(images)
         theirs = released_mcar_forward({k[7:]: v for k, v in state.items()}, images, topn=4)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert 0.01 < stages.global_scores.min() and stages.global_scores.max() < 0.99, "scores must not saturate"
+    assert not torch.equal(stages.boxes[0], stages.boxes[1]), "boxes should depend on the image"
+    torch.testing.assert_close(stages.probs, theirs, atol=1e-5, rtol=0)
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
     model = small_mcar()
     path = tmp_path / "ckpt.pt"
     save_checkpoint(model, path)
-    again = small_mcar(checkpoint=path)
+    again = fastmlr.create_model("mcar", backbone="mobilenet_v2", num_classes=10, image_size=64, checkpoint=path)
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(images), again(images))
