@@ -1,0 +1,259 @@
+"""``fastmlr evaluate`` end to end on synthetic COCO / VOC trees, ``fastmlr predict`` on real images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_data import make_coco, make_voc
+from torch import nn
+
+from fastmlr import create_model
+from fastmlr.checkpoint import save_checkpoint
+from fastmlr.cli import main
+from fastmlr.data import VOC_CLASSES, CocoMultiLabel
+from fastmlr.metrics import METRIC_NAMES, TOP3_NAMES, evaluate
+from fastmlr.predict import (
+    PALETTE,
+    Region,
+    draw_regions,
+    region_image_paths,
+    region_label,
+    scale_box,
+    top_labels,
+)
+
+SMALL = ["--backbone", "mobilenet_v2", "--size", "64"]
+SMALL_MODEL = {"backbone": "mobilenet_v2", "num_classes": 80, "image_size": 64}
+
+
+def image_dependent_model(name: str) -> nn.Module:
+    """A small random model whose outputs depend on the image. Freshly initialised mobilenet_v2
+    features shrink to ~1e-9 through the network, making every image score the same; batch-norm
+    statistics measured on one random batch restore unit-scale activations."""
+    model = create_model(name, **SMALL_MODEL)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # running stats = this batch's
+    model.train()
+    with torch.no_grad():
+        model.features(torch.randn(8, 3, 64, 64))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def coco_tree(tmp_path_factory):
+    """Ten generated images (id 4 corrupt, id 6 without annotations) and a baseline checkpoint."""
+    root = tmp_path_factory.mktemp("coco")
+    labels = {i: [i % 80, (7 * i) % 80] for i in range(1, 11)}
+    labels[6] = []
+    ann_file = make_coco(root, labels, corrupt=(4,))
+    torch.manual_seed(1)
+    checkpoint = root / "baseline.pt"
+    save_checkpoint(image_dependent_model("baseline"), checkpoint)
+    return root, ann_file, checkpoint
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_evaluate_coco_eager_matches_direct_computation(coco_tree, tmp_path, capsys):
+    root, ann_file, checkpoint = coco_tree
+    out = tmp_path / "result.json"
+    with pytest.warns(UserWarning, match="skipping unreadable image.*COCO_val2014_000000000004.jpg"):
+        code, stdout, stderr = run_cli(
+            ["evaluate", "--model", "baseline", *SMALL, "--checkpoint", str(checkpoint), "--data", "coco",
+             "--root", str(root), "--backend", "eager", "--batch-size", "3", "--workers", "1",
+             "--out", str(out)],
+            capsys,
+        )
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 9 and report["skipped_images"] == 1 and report["split"] == "val"
+    assert report["unreadable_images"][0]["path"] == str(root / "val2014" / "COCO_val2014_000000000004.jpg")
+    # The same numbers computed without the command: the readable images through the model.
+    dataset = CocoMultiLabel(root / "val2014", ann_file, image_size=64)
+    readable = [i for i in range(len(dataset)) if dataset.image_ids[i] != 4]
+    images = torch.stack([dataset[i][0] for i in readable])
+    model = create_model("baseline", **SMALL_MODEL, checkpoint=checkpoint)
+    with torch.no_grad():
+        probs = model(images)
+    assert probs.std(dim=0).min() > 1e-3  # the images are told apart: their order matters
+    expected = evaluate(probs, dataset.targets[readable])
+    for name in METRIC_NAMES + TOP3_NAMES:
+        assert report["metrics"][name] == pytest.approx(expected[name], abs=1e-9), name
+    assert report["metrics"]["AP"]["person"] == pytest.approx(expected["AP"][0])
+    assert report["metrics"]["num_classes_evaluated"] == expected["num_classes_evaluated"]
+    assert "eager" in stdout and "top-3" in stdout and f"{expected['mAP']:.2f}" in stdout
+
+
+def test_evaluate_onnxruntime_compared_with_eager(coco_tree, tmp_path, capsys):
+    root, _, checkpoint = coco_tree
+    out = tmp_path / "onnx.json"
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        code, stdout, stderr = run_cli(
+            ["evaluate", "--model", "baseline", *SMALL, "--checkpoint", str(checkpoint), "--data", "coco",
+             "--root", str(root), "--backend", "onnxruntime", "--compare", "eager", "--batch-size", "4",
+             "--workers", "0", "--limit", "7", "--out", str(out)],
+            capsys,
+        )
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 6 and report["skipped_images"] == 1
+    compare = report["compare"]
+    assert compare["backend"] == "eager" and 0 <= compare["max_abs_prob_diff"] < 1e-4
+    assert compare["map_diff"] == pytest.approx(report["metrics"]["mAP"] - compare["metrics"]["mAP"])
+    assert abs(compare["map_diff"]) < 0.5
+    assert "onnxruntime vs eager: max |Δprob|" in stdout
+
+
+def test_evaluate_voc_tree(tmp_path, capsys):
+    root = make_voc(tmp_path / "VOC2007", {
+        "000001": [("dog", 0), ("person", 1)],
+        "000002": [("cat", 0), ("person", 0)],
+        "000003": [("person", 1)],
+    })
+    out = tmp_path / "voc.json"
+    code, _, stderr = run_cli(
+        ["evaluate", "--model", "baseline", *SMALL, "--data", "voc", "--root", str(root), "--workers", "0",
+         "--out", str(out)],
+        capsys,
+    )
+    assert code == 0, stderr
+    metrics = json.loads(out.read_text())["metrics"]
+    # difficult="ignore": person is positive only in image 2, its difficult-only images are left out.
+    assert metrics["num_classes"] == 20 and metrics["num_classes_evaluated"] == 3
+    assert metrics["AP"]["person"] == pytest.approx(100.0)
+    assert set(metrics["classes_without_positives"]) == set(VOC_CLASSES) - {"dog", "cat", "person"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num-classes", "20"], "the model predicts 20 classes but the dataset has 80"),
+        (["--backend", "trt"], "TensorRT"),
+        (["--compare", "eager"], "same backend"),
+        (["--precision", "fp16"], "applies to --backend trt only"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--ann", "/nonexistent/instances.json"], "annotation file not found"),
+    ],
+)
+def test_evaluate_bad_input(coco_tree, capsys, extra, message):
+    root = coco_tree[0]
+    code, _, stderr = run_cli(
+        ["evaluate", "--model", "baseline", *SMALL, "--data", "coco", "--root", str(root), "--workers", "0",
+         *extra],
+        capsys,
+    )
+    assert code == 1 and message in stderr
+
+
+def test_evaluate_annotation_file_without_annotations(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    ann = tmp_path / "image_info_test2014.json"
+    ann.write_text(json.dumps({"images": [], "categories": []}))
+    code, _, stderr = run_cli(
+        ["evaluate", "--model", "baseline", *SMALL, "--data", "coco", "--root", str(tmp_path / "images"),
+         "--ann", str(ann)],
+        capsys,
+    )
+    assert code == 1 and "image_info_test2014.json has no 'annotations'" in stderr
+
+
+def test_top_labels_and_scale_box():
+    probs = torch.tensor([0.1, 0.9, 0.5, 0.9])
+    labels = top_labels(probs, ["a", "b", "c", "d"], 3)
+    assert [name for name, _ in labels] == ["b", "d", "c"]
+    assert [p for _, p in labels] == pytest.approx([0.9, 0.9, 0.5])
+    # A box of a 64x64 input mapped onto a 640x320 image.
+    assert scale_box(torch.tensor([8, 16, 32, 64]), 64, (640, 320)) == (80.0, 80.0, 320.0, 320.0)
+
+
+def test_region_image_paths(tmp_path):
+    paths = [tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "y.png"]
+    assert [p.name for p in region_image_paths(paths, tmp_path)] == [
+        "x_0_regions.png", "x_1_regions.png", "y_regions.png"]
+    with pytest.raises(ValueError, match="would overwrite an input image"):
+        region_image_paths([tmp_path / "a" / "z.jpg", tmp_path / "z_regions.png"], tmp_path)
+
+
+def test_draw_regions_boxes_and_colours():
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    regions = [
+        Region(3, (20.0, 30.0, 120.0, 90.0), 0.14, 0.99, 0.99),
+        Region(7, (150.0, 10.0, 190.0, 50.0), 0.7, 0.2, 0.7),
+    ]
+    names = [f"class_{i}" for i in range(10)]
+    assert region_label(regions[0], names) == "class_3: 0.14/0.99"
+    canvas = np.asarray(draw_regions(image, regions, names))
+    assert canvas.shape == (100, 200, 3)
+    assert tuple(canvas[89, 60]) == PALETTE[0]  # bottom edge of the first box (half-open: y2 - 1)
+    assert tuple(canvas[60, 119]) == PALETTE[0]  # its right edge
+    assert tuple(canvas[49, 170]) == PALETTE[1]
+    assert tuple(canvas[60, 70]) == (0, 0, 0)  # inside the first box, below its label
+    assert tuple(canvas[95, 5]) == (0, 0, 0)
+
+
+def test_predict_baseline_prints_voc_names(shared_images, tmp_path, capsys):
+    code, stdout, stderr = run_cli(
+        ["predict", str(shared_images[0]), "--model", "baseline", *SMALL, "--num-classes", "20",
+         "--topk", "3", "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0].startswith(str(shared_images[0]))
+    assert len(lines) == 4 and all(line.split()[0] in VOC_CLASSES for line in lines[1:])
+    assert not list(tmp_path.iterdir())  # no regions to draw for a baseline
+
+
+def test_predict_mcar_writes_region_png(shared_images, tmp_path, capsys):
+    path = shared_images[-1]
+    checkpoint = tmp_path / "mcar.pt"
+    save_checkpoint(image_dependent_model("mcar"), checkpoint)
+    code, stdout, stderr = run_cli(
+        ["predict", str(path), "--model", "mcar", *SMALL, "--checkpoint", str(checkpoint),
+         "--out", str(tmp_path), "--min-local", "0", "--min-score", "0"],
+        capsys,
+    )
+    assert code == 0, stderr
+    png = tmp_path / f"{path.stem}_regions.png"
+    assert png.is_file() and f"wrote {png}" in stdout
+    boxes = [[float(v) for v in line.split("[")[1].split("]")[0].split(",")]
+             for line in stdout.splitlines() if line.startswith("  region [")]
+    assert len(boxes) == 4  # topN = 4 regions, each printed
+    with Image.open(path) as original, Image.open(png) as drawn:
+        assert drawn.size == original.size
+        width, height = original.size
+        difference = np.abs(np.asarray(drawn, dtype=int) - np.asarray(original.convert("RGB"), dtype=int))
+    assert difference.max() > 0  # something was drawn
+    # Boxes are scaled back to the original image (rounded when printed): inside it, and at least
+    # the interval search's minimum size (ceil(64 / 8) - 1 = 7 input pixels) times the scale.
+    for x1, y1, x2, y2 in boxes:
+        assert 0 <= x1 < x2 <= width + 0.5 and 0 <= y1 < y2 <= height + 0.5
+        assert x2 - x1 >= 7 * width / 64 - 1 and y2 - y1 >= 7 * height / 64 - 1
+
+
+@pytest.mark.parametrize(
+    ("make_file", "message"),
+    [(lambda p: None, "image not found"), (lambda p: p.write_bytes(b"\x89PNG broken"), "cannot read image")],
+)
+def test_predict_bad_image(tmp_path, capsys, make_file, message):
+    path = tmp_path / "x.png"
+    make_file(path)
+    code, _, stderr = run_cli(["predict", str(path), "--model", "baseline", *SMALL], capsys)
+    assert code == 1 and message in stderr
+
+
+def test_predict_bad_topk(shared_images, capsys):
+    code, _, stderr = run_cli(
+        ["predict", str(shared_images[0]), "--model", "baseline", *SMALL, "--num-classes", "5",
+         "--topk", "6"],
+        capsys,
+    )
+    assert code == 1 and "--topk must be at most --num-classes" in stderr
