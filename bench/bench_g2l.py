@@ -1,0 +1,308 @@
+"""MCAR's global-to-local step: the released loop vs fastmlr's torch reference vs Triton.
+
+Configuration (the paper's): 448×448 inputs, C = 80 classes, 14×14 class maps, top N = 4, batch
+B ∈ {1, 8, 32}. Groups:
+
+- ``step``: boxes and the B×N resized local inputs — (a) ``released``: the released code's loop
+  (:mod:`released_g2l`: all C maps upsampled, Python interval search, one ``F.interpolate`` per
+  region); (b) ``torch``: ``localize_regions`` + ``crop_resize`` torch references; (c) ``triton``:
+  their Triton kernels (CUDA only; skipped otherwise); (d) ``torch+loop``: the torch localization with
+  the released per-region ``F.interpolate`` crops (on CPU that loop of fused C++ kernels is faster
+  than the vectorised gather-based ``crop_resize`` reference, which exists for ONNX export and as the
+  Triton kernel's oracle).
+- ``localize``: the boxes alone, same three implementations.
+- ``crop``: resizing B×N given boxes to 448×448 — ``crop_resize`` (torch / triton) vs
+  ``loop`` (one ``F.interpolate(align_corners=True)`` per box: identical values), ``roi_align`` and
+  ``grid_sample``. Where the last two sample differently from align-corners bilinear:
+
+  * ``torchvision.ops.roi_align(aligned=True, sampling_ratio=2)`` averages 2×2 bilinear samples per
+    output bin: output pixel ``i`` averages the points ``y1 − 0.5 + (i + (k + 0.5)/2)·(y2 − y1)/sh``,
+    k = 0, 1 (pixel-centre convention), instead of the single point ``y1 + i·(y2 − y1 − 1)/(sh − 1)``;
+    so it low-pass filters, does not hit the corner pixels exactly, and differs by up to a pixel's
+    contrast near edges. It is timed for cost only.
+  * ``F.grid_sample(align_corners=True)`` on the full image with per-box grids samples the same
+    points, but through normalised coordinates ``2x/(W − 1) − 1`` that are un-normalised again inside
+    the op: in float32 that moves each sample by up to ~1e-5 px (≈1e-5 in value). Otherwise the
+    same points and bilinear weights (every point lies inside its box, so padding never applies).
+
+Run (pytest-benchmark; not collected by CI, which runs ``pytest tests/``)::
+
+    pytest bench/bench_g2l.py --benchmark-disable -k B1        # smoke: every case once at B = 1
+    pytest bench/bench_g2l.py --benchmark-only                 # timings in pytest-benchmark's table
+
+Results file with speed-up ratios (JSON + markdown beside it)::
+
+    python bench/bench_g2l.py --out bench/results/g2l_cpu.json
+    python bench/bench_g2l.py --device cuda --out bench/results/g2l_cuda.json
+
+Targets on CPU (vs the released loop): localization ≥ 100×; whole step ≥ 15× at B = 8, ≥ 10× at B = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from _env import capture_environment, describe_machine
+from fastmlr.kernels import crop_resize, localize_regions
+from released_g2l import released_global_to_local, released_localize
+
+SIZE = 448
+CLASSES = 80
+MAP_SIZE = 14
+TOP_N = 4
+BATCHES = (1, 8, 32)
+TARGETS = {("localize", None): 100.0, ("step", 8): 15.0, ("step", 1): 10.0}
+
+
+def make_inputs(batch: int, device: str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded images ``[B, 3, 448, 448]``, CAM logits ``[B, 80, 14, 14]``, global scores ``[B, 80]``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "images": torch.rand(batch, 3, SIZE, SIZE, generator=gen).to(device),
+        "cam_logits": (3 * torch.randn(batch, CLASSES, MAP_SIZE, MAP_SIZE, generator=gen)).to(device),
+        "global_scores": torch.rand(batch, CLASSES, generator=gen).to(device),
+    }
+
+
+def top_indices(global_scores: torch.Tensor) -> torch.Tensor:
+    """Doc §1 step 4: the top-N classes by global score."""
+    return global_scores.topk(TOP_N, dim=1).indices
+
+
+def fixed_boxes(batch: int, device: str = "cpu") -> torch.Tensor:
+    """The boxes of the ``crop`` group: those the step finds on :func:`make_inputs`."""
+    x = make_inputs(batch, device)
+    return localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend="torch")
+
+
+# ---- implementations ------------------------------------------------------------------------------
+
+
+def step(x: dict[str, torch.Tensor], impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if impl == "released":
+        return released_global_to_local(x["images"], x["cam_logits"], x["global_scores"], TOP_N)
+    if impl == "torch+loop":  # vectorised localization, the released per-region F.interpolate crops
+        boxes = localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend="torch")
+        return boxes, crop_loop(x["images"], boxes)
+    boxes = localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend=impl)
+    return boxes, crop_resize(x["images"], boxes, SIZE, backend=impl)
+
+
+def localize(x: dict[str, torch.Tensor], impl: str) -> torch.Tensor:
+    if impl == "released":
+        return released_localize(x["cam_logits"], x["global_scores"], (SIZE, SIZE), TOP_N)
+    return localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend=impl)
+
+
+def crop_loop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    out = images.new_empty(*boxes.shape[:2], images.shape[1], SIZE, SIZE)
+    for b in range(boxes.shape[0]):
+        for n, (x1, y1, x2, y2) in enumerate(boxes[b].tolist()):
+            out[b, n] = F.interpolate(images[b : b + 1, :, y1:y2, x1:x2], SIZE, mode="bilinear", align_corners=True)[0]
+    return out
+
+
+def crop_roi_align(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    batch, n_boxes = boxes.shape[:2]
+    image_index = torch.arange(batch, device=boxes.device).repeat_interleave(n_boxes)[:, None]
+    rois = torch.cat([image_index, boxes.reshape(-1, 4)], 1).to(images.dtype)
+    out = torchvision.ops.roi_align(images, rois, SIZE, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return out.reshape(batch, n_boxes, *out.shape[1:])
+
+
+def crop_grid_sample(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """All N boxes of an image side by side in one grid ``[B, 448, N·448, 2]`` (no image copies)."""
+    batch, n_boxes = boxes.shape[:2]
+    height, width = images.shape[-2:]
+    steps = torch.arange(SIZE, device=boxes.device, dtype=torch.float32) / (SIZE - 1)
+    x1, y1, x2, y2 = boxes.float().unbind(-1)
+    xs = x1[..., None] + steps * (x2 - x1 - 1)[..., None]  # [B, N, sw] source x of each output column
+    ys = y1[..., None] + steps * (y2 - y1 - 1)[..., None]
+    grid_x = (2 * xs / (width - 1) - 1)[:, None, :, :].expand(batch, SIZE, n_boxes, SIZE)
+    grid_y = (2 * ys / (height - 1) - 1).transpose(1, 2)[:, :, :, None].expand(batch, SIZE, n_boxes, SIZE)
+    grid = torch.stack([grid_x, grid_y], -1).reshape(batch, SIZE, n_boxes * SIZE, 2)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(batch, images.shape[1], SIZE, n_boxes, SIZE).permute(0, 3, 1, 2, 4)
+
+
+CROPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "torch": lambda images, boxes: crop_resize(images, boxes, SIZE, backend="torch"),
+    "triton": lambda images, boxes: crop_resize(images, boxes, SIZE, backend="triton"),
+    "loop": crop_loop,
+    "roi_align": crop_roi_align,
+    "grid_sample": crop_grid_sample,
+}
+GROUPS = {
+    "step": ("released", "torch", "torch+loop", "triton"),
+    "localize": ("released", "torch", "triton"),
+    "crop": tuple(CROPS),
+}
+
+
+def case(group: str, impl: str, batch: int, device: str) -> Callable[[], object]:
+    """A zero-argument callable running one (group, impl, batch) on ``device``."""
+    x = make_inputs(batch, device)
+    if group == "step":
+        return lambda: step(x, impl)
+    if group == "localize":
+        return lambda: localize(x, impl)
+    boxes = fixed_boxes(batch, device)
+    return lambda: CROPS[impl](x["images"], boxes)
+
+
+def runnable(impl: str, device: str) -> bool:
+    """Triton kernels are benchmarked on CUDA only (the CPU interpreter is a test tool)."""
+    return impl != "triton" or device == "cuda"
+
+
+# ---- pytest-benchmark ----------------------------------------------------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = [
+    pytest.param(group, impl, batch, id=f"{group}-{impl}-B{batch}")
+    for group, impls in GROUPS.items()
+    for impl in impls
+    for batch in BATCHES
+]
+
+
+@pytest.mark.parametrize(("group", "impl", "batch"), CASES)
+def test_g2l(benchmark, group: str, impl: str, batch: int) -> None:
+    if not runnable(impl, DEVICE):
+        pytest.skip("Triton is benchmarked on CUDA only")
+    benchmark.group = f"{group}-B{batch}"
+    run = case(group, impl, batch, DEVICE)
+    benchmark(lambda: (run(), torch.cuda.synchronize() if DEVICE == "cuda" else None))
+
+
+@pytest.mark.parametrize("batch", [pytest.param(1, id="B1")])
+def test_same_boxes_and_crops_as_released(batch: int) -> None:
+    """What is timed computes the same thing: identical boxes, crops equal to 1e-6."""
+    x = make_inputs(batch, DEVICE)
+    boxes, crops = step(x, "torch")
+    released_boxes, released_crops = released_global_to_local(x["images"], x["cam_logits"], x["global_scores"], TOP_N)
+    torch.testing.assert_close(boxes.cpu(), released_boxes.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(crops, released_crops, rtol=0, atol=1e-6)
+    torch.testing.assert_close(crop_grid_sample(x["images"], boxes), crops, rtol=0, atol=1e-4)
+
+
+# ---- results file --------------------------------------------------------------------------------
+
+
+def median_ms(run: Callable[[], object], repeats: int, device: str) -> tuple[float, list[float]]:
+    """Median wall time (ms) of ``repeats`` calls after one warm-up call."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), times
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """Each implementation's speed-up over the baseline of its group (released loop; crop: loop)."""
+    rows = []
+    by_key = {(r["group"], r["impl"], r["batch"]): r["median_ms"] for r in results}
+    for (group, impl, batch), ms in by_key.items():
+        baseline = "loop" if group == "crop" else "released"
+        if impl == baseline or (group, baseline, batch) not in by_key:
+            continue
+        ratio = by_key[(group, baseline, batch)] / ms
+        target = TARGETS.get((group, batch), TARGETS.get((group, None)))
+        if impl not in ("torch", "torch+loop", "triton"):
+            target = None
+        rows.append(
+            {
+                "group": group,
+                "impl": impl,
+                "batch": batch,
+                "baseline": baseline,
+                "speedup": ratio,
+                "target": target,
+                "meets_target": None if target is None else ratio >= target,
+            }
+        )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# MCAR global-to-local step: released loop vs fastmlr",
+        "",
+        f"Machine: {describe_machine(report['environment'])}. Device: {report['config']['device']}. "
+        f"448×448, C = {CLASSES}, {MAP_SIZE}×{MAP_SIZE} maps, top-{TOP_N}; median of "
+        f"{report['config']['repeats']} calls after a warm-up. Boxes identical to the released loop: "
+        f"{report['boxes_match_released']}.",
+        "",
+        "| group | impl | B | median ms | speed-up vs baseline | target |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    ratios = {(s["group"], s["impl"], s["batch"]): s for s in report["speedups"]}
+    for r in report["results"]:
+        s = ratios.get((r["group"], r["impl"], r["batch"]))
+        speed = f"{s['speedup']:.1f}× vs {s['baseline']}" if s else "baseline"
+        target = f"≥ {s['target']:.0f}× ({'met' if s['meets_target'] else 'NOT met'})" if s and s["target"] else ""
+        lines.append(f"| {r['group']} | {r['impl']} | {r['batch']} | {r['median_ms']:.2f} | {speed} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON path; the markdown goes beside it (.md)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    x = make_inputs(1, args.device)
+    boxes_match = bool(
+        torch.equal(
+            step(x, "torch")[0].cpu(),
+            released_global_to_local(x["images"], x["cam_logits"], x["global_scores"], TOP_N)[0].cpu(),
+        )
+    )
+    results = []
+    for group in args.groups:
+        for impl in GROUPS[group]:
+            if not runnable(impl, args.device):
+                continue
+            for batch in args.batch:
+                ms, times = median_ms(case(group, impl, batch, args.device), args.repeats, args.device)
+                results.append({"group": group, "impl": impl, "batch": batch, "median_ms": ms, "times_ms": times})
+                print(f"{group:9s} {impl:12s} B={batch:<3d} {ms:10.2f} ms", flush=True)
+    report = {
+        "environment": capture_environment(),
+        "config": {
+            "device": args.device,
+            "size": SIZE,
+            "classes": CLASSES,
+            "map_size": MAP_SIZE,
+            "top_n": TOP_N,
+            "repeats": args.repeats,
+        },
+        "boxes_match_released": boxes_match,
+        "results": results,
+        "speedups": speedups(results),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
