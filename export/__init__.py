@@ -1,1 +1,34 @@
-"""fastmlr.export — ONNX and TensorRT export with validation against the PyTorch reference."""
+"""fastmlr.export — ONNX and TensorRT export with validation against the PyTorch reference.
+
+- :func:`to_onnx`: every registered model to one ONNX graph (MCAR with its global-to-local step),
+  validated in ONNX Runtime on real and random images before it is written;
+- :func:`check_tensorrt_ops`: is every op one TensorRT's ONNX parser supports (``tensorrt_onnx_ops.json``);
+- :func:`build_engine`, :func:`export_engine`, :class:`TRTRunner`, :func:`engine_cache_key`: TensorRT
+  engines (needs ``tensorrt`` and a GPU; imported lazily);
+- :func:`compile_torch_tensorrt`: torch-tensorrt with fastmlr's Triton kernels kept as plugins;
+- :func:`write_triton_repository`: an NVIDIA Triton Inference Server model repository.
+"""
+
+from .onnx_export import output_names, to_onnx, validate_onnx
+from .tensorrt import TRTRunner, build_engine, engine_cache_key, export_engine, validate_engine
+from .tensorrt_ops import TensorRTCompatibilityError, check_tensorrt_ops
+from .torch_trt import compile_torch_tensorrt
+from .triton_server import write_triton_repository
+from .validation import TOLERANCES, ExportValidationError
+
+__all__ = [
+    "TOLERANCES",
+    "ExportValidationError",
+    "TRTRunner",
+    "TensorRTCompatibilityError",
+    "build_engine",
+    "check_tensorrt_ops",
+    "compile_torch_tensorrt",
+    "engine_cache_key",
+    "export_engine",
+    "output_names",
+    "to_onnx",
+    "validate_engine",
+    "validate_onnx",
+    "write_triton_repository",
+]

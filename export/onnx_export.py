@@ -1,0 +1,376 @@
+"""ONNX export of every fastmlr model, validated in ONNX Runtime against PyTorch before it is written.
+
+Exporter: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). In torch 2.14
+the torch.export-based exporter (``dynamo=True``) cannot emit opsets below 18: asked for 17 it
+silently writes 18 after its down-conversion fails. The TorchScript path emits the requested opset
+(7..20) exactly, folds constants, and yields plain default-domain graphs that TensorRT's ONNX parser
+takes (checked by :func:`fastmlr.export.check_tensorrt_ops`). It traces: Python control flow is
+unrolled for the traced shapes, and a data-dependent Python value would be frozen into the graph —
+which is why every export is validated on real and random inputs before it is kept.
+
+Models with a ``forward_stages`` method (MCAR) are exported as one graph, global-to-local step
+included, with outputs ``(probs, boxes, indices)``; every other model has one output, ``probs``.
+Export runs the kernels on torch (``use_backend("torch")``); ops that have a ``<op>_reference``
+(the fused attention ops) run that broadcast reference while tracing (:func:`traceable_kernels`).
+MCAR's global-to-local ops are written without loops or data-dependent shapes so that they trace
+into static ONNX. The PyTorch side of validation runs the model exactly as users do (kernels on torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from fastmlr.kernels import use_backend
+from torch import nn
+from torch.onnx import symbolic_helper
+
+from fastmlr import kernels
+
+from .tensorrt_ops import tensorrt_op_support
+from .validation import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TOLERANCES,
+    Comparison,
+    Runner,
+    compare_runners,
+    find_images,
+    raise_on_failure,
+    random_batches,
+    validation_inputs,
+)
+
+INPUT_NAME = "images"
+#: The highest opset torch's TorchScript-based exporter emits (torch.onnx._constants).
+MAX_TORCHSCRIPT_OPSET = 20
+#: The lowest opset TensorRT's ONNX parser reads (tensorrt_onnx_ops.json, opset_range).
+MIN_OPSET = tensorrt_op_support()["opset_range"][0]
+_LEGACY_EXPORTER_NOTICES = (r".*legacy TorchScript-based ONNX export.*", r".*The feature will be removed.*")
+
+
+class ExportWrapper(nn.Module):
+    """What is exported: ``images -> (probs,)``, or ``(probs, boxes, indices)`` for models with
+    ``forward_stages`` (MCAR: final probabilities, ``[B, N, 4]`` int64 boxes, ``[B, N]`` indices)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if has_stages(self.model):
+            stages = self.model.forward_stages(images)
+            return stages.probs, stages.boxes, stages.indices
+        return (self.model(images),)
+
+
+def has_stages(model: nn.Module) -> bool:
+    """True for models exported with boxes (those with ``forward_stages``: MCAR)."""
+    return callable(getattr(model, "forward_stages", None))
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The exported graph's output names, in order."""
+    return ("probs", "boxes", "indices") if has_stages(model) else ("probs",)
+
+
+def model_name(model: nn.Module) -> str:
+    return getattr(model, "model_name", type(model).__name__)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def check_image_size(image_size: int) -> None:
+    """``ValueError`` unless ``image_size`` is a positive multiple of 32 (the backbones' stride)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+        raise ValueError(f"image size must be a positive multiple of 32 (the backbones' stride), got {image_size}")
+
+
+def check_export_args(model: nn.Module, image_size: int, batch: int, opset: int) -> None:
+    """``ValueError`` naming the problem: an image size that is not a positive multiple of 32 (or not
+    the size a fixed-size model was built for), a batch below 1, an opset outside what the exporter
+    and TensorRT read."""
+    check_image_size(image_size)
+    if getattr(model, "fixed_size", False) and image_size != model.image_size:
+        raise ValueError(
+            f"{model_name(model)} is built for {model.image_size}x{model.image_size} inputs "
+            f"(its layer widths depend on the size), got image size {image_size}"
+        )
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_TORCHSCRIPT_OPSET:
+        raise ValueError(
+            f"opset must be an integer in {MIN_OPSET}..{MAX_TORCHSCRIPT_OPSET} (TensorRT reads opsets from "
+            f"{MIN_OPSET}; torch's TorchScript exporter writes up to {MAX_TORCHSCRIPT_OPSET}), got {opset}"
+        )
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The output path, once its directory is known to exist; ``FileNotFoundError`` or ``ValueError``
+    otherwise (a path that is a directory, a parent that is a file)."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"output path {out} is a directory; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise FileNotFoundError(f"output directory does not exist: {parent}")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {out}: {parent} is not a directory")
+    return out
+
+
+def staging_directory(final_path: Path) -> tempfile.TemporaryDirectory:
+    """A temporary directory beside ``final_path`` (same file system, so the finished artifact is moved
+    in atomically); ``ValueError`` when that directory cannot be written."""
+    try:
+        return tempfile.TemporaryDirectory(dir=final_path.parent, prefix=".fastmlr-export-")
+    except OSError as err:
+        raise ValueError(f"cannot write to {final_path.parent}: {err.strerror or err}") from err
+
+
+def opset_error(opset: int, err: Exception) -> ValueError:
+    """A ValueError for an exporter failure caused by an op missing from ``opset``."""
+    needed = re.search(r"added in version (\d+)", str(err))
+    if needed:
+        return ValueError(f"opset {opset} is below what the graph needs (opset {needed.group(1)}): {err}")
+    return ValueError(f"the graph cannot be exported to ONNX at opset {opset}: {err}")
+
+
+def kernel_op_names() -> list[str]:
+    """The public ``fastmlr.kernels`` ops (not the dispatch helpers, not the ``*_reference`` functions)."""
+    helpers = {"resolve_backend", "use_backend", "triton_available", "interpreter_enabled"}
+    return sorted(name for name in getattr(kernels, "__all__", ())
+                  if name not in helpers and not name.endswith("_reference") and callable(getattr(kernels, name)))
+
+
+def static_size(arg: object) -> object:
+    """A tuple of 0-dim tensors (image sizes read from ``images.shape`` while the exporter traces)
+    becomes a tuple of ints; anything else is returned unchanged. fastmlr exports fix H and W (only
+    the batch axis can be dynamic), so freezing them is exact."""
+    if isinstance(arg, tuple) and arg and all(isinstance(a, torch.Tensor) and a.dim() == 0 for a in arg):
+        return tuple(int(a) for a in arg)
+    return arg
+
+
+@contextlib.contextmanager
+def traceable_kernels() -> Iterator[list[str]]:
+    """Inside the block, the ``fastmlr.kernels`` ops are adapted to the TorchScript tracer:
+
+    - an op with a ``<op>_reference`` runs that reference. The ops' torch paths run inside
+      ``torch.autograd.Function`` and write their result block by block into a ``torch.empty`` buffer;
+      the exporter drops those in-place writes (the exported op becomes a constant) and would freeze
+      the block loop at the traced batch. The references are the same maths as plain broadcast ops
+      (the kernels' test oracle) and trace exactly; the ops' keyword options (``backend``,
+      ``max_chunk_bytes``) do not apply to them and are dropped;
+    - every op receives image sizes as ints (:func:`static_size`): traced sizes arrive as 0-dim
+      tensors, which the ops' argument checks reject.
+
+    Yields the names of the ops that run their reference."""
+    names = kernel_op_names()
+    originals = {name: getattr(kernels, name) for name in names}
+    with_reference = [name for name in names if callable(getattr(kernels, f"{name}_reference", None))]
+
+    def adapt(op: Callable, keep_options: bool) -> Callable:
+        def call(*args, **options):
+            return op(*(static_size(a) for a in args), **(options if keep_options else {}))
+
+        return call
+
+    for name in names:
+        reference = getattr(kernels, f"{name}_reference", None)
+        setattr(kernels, name, adapt(reference, False) if name in with_reference else adapt(originals[name], True))
+    try:
+        yield with_reference
+    finally:
+        for name, original in originals.items():
+            setattr(kernels, name, original)
+
+
+def _sort_symbolic(g, values, *args):  # noqa: ANN001, ANN202 - TorchScript symbolic signature
+    """ONNX for ``aten::sort`` and ``aten::sort.stable`` (``torch.sort(..., stable=True)``, which
+    torch's own symbolic rejects): TopK over the whole axis. ONNX TopK puts equal values in index order
+    ("the element with the lower index appears first"), i.e. it is a stable sort."""
+    dim = symbolic_helper._get_const(args[-2], "i", "dim")
+    descending = bool(symbolic_helper._get_const(args[-1], "i", "descending"))
+    size = symbolic_helper._get_tensor_dim_size(values, dim)
+    if size is None:
+        return symbolic_helper._sort_helper(g, values, dim, descending=descending)
+    # A constant K (the axis is static) lets ONNX shape inference keep the other axes symbolic; K read
+    # from Shape() at run time would make the exporter fall back to the traced, static batch.
+    k = g.op("Constant", value_t=torch.tensor([size], dtype=torch.int64))
+    return g.op("TopK", values, k, axis_i=dim, largest_i=descending, outputs=2)
+
+
+@contextlib.contextmanager
+def stable_sort_symbolic(opset: int) -> Iterator[None]:
+    """Register :func:`_sort_symbolic` for ``aten::sort`` while exporting at ``opset``."""
+    torch.onnx.register_custom_op_symbolic("aten::sort", _sort_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::sort", opset)
+
+
+@contextlib.contextmanager
+def transformer_fastpath_disabled() -> Iterator[None]:
+    """Turn off the fused eval-mode path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+    (``aten::_transformer_encoder_layer_fwd`` has no ONNX export), so that LCE traces into plain ops."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def export_graph(
+    model: nn.Module, path: str | os.PathLike, *, image_size: int, batch: int, dynamic_batch: bool, opset: int
+) -> list[str]:
+    """Trace ``model`` (through :class:`ExportWrapper`, kernels on their torch references) into an ONNX
+    file at ``path``. Returns the tracer's warnings (text), which explain most validation failures.
+    Raises ``ValueError`` when ``opset`` lacks an op the graph needs."""
+    wrapper = ExportWrapper(model).eval()
+    names = list(output_names(model))
+    # A dynamic batch is traced at 2 or more: the tracer can fold a size-1 axis into constants.
+    traced_batch = max(batch, 2) if dynamic_batch else batch
+    example = random_batches(image_size, traced_batch, 1)[0][1].to(model_device(model))
+    dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]} if dynamic_batch else None
+    with warnings.catch_warnings(record=True) as caught, use_backend("torch"), torch.no_grad(), \
+            transformer_fastpath_disabled(), traceable_kernels(), stable_sort_symbolic(opset):
+        warnings.simplefilter("always")
+        for notice in _LEGACY_EXPORTER_NOTICES:
+            warnings.filterwarnings("ignore", message=notice)
+        try:
+            torch.onnx.export(
+                wrapper, (example,), os.fspath(path), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as err:
+            raise opset_error(opset, err) from err
+    tracer_notes = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            first_sentence = str(w.message).split(". ")[0]
+            tracer_notes.append(f"{Path(w.filename).name}:{w.lineno}: TracerWarning: {first_sentence}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return sorted(set(tracer_notes))
+
+
+def write_metadata(path: str | os.PathLike, model: nn.Module, image_size: int) -> None:
+    """Record the model's name, configuration and input contract in the ONNX file's metadata."""
+    proto = onnx.load(os.fspath(path))
+    onnx.helper.set_model_props(proto, {
+        "fastmlr.model": model_name(model),
+        "fastmlr.config": json.dumps(getattr(model, "config", {}) or {}, sort_keys=True, default=str),
+        "fastmlr.image_size": str(image_size),
+        "fastmlr.input": f"{INPUT_NAME}: float32 [batch, 3, {image_size}, {image_size}], RGB scaled to [0, 1] "
+                         f"then normalised with mean {IMAGENET_MEAN} and std {IMAGENET_STD}",
+    })
+    onnx.save(proto, os.fspath(path))
+
+
+def onnx_runtime_runner(path: str | os.PathLike) -> Runner:
+    """Runs the ONNX file in ONNX Runtime's CPU provider: ``images -> [outputs]``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {INPUT_NAME: images.detach().cpu().numpy().astype(np.float32)})
+
+
+def torch_runner(model: nn.Module) -> Runner:
+    """The PyTorch reference: the model's outputs (as exported) with the kernels' torch references."""
+    wrapper = ExportWrapper(model).eval()
+    device = model_device(model)
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad(), use_backend("torch"):
+            return wrapper(images.to(device))
+
+    return run
+
+
+def validate_onnx(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    image_size: int,
+    batches: Sequence[int] = (1,),
+    images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    num_random: int = 2,
+    tolerance: float = TOLERANCES["fp32"],
+    notes: Sequence[str] = (),
+) -> list[Comparison]:
+    """Run the ONNX file in ONNX Runtime and ``model`` in PyTorch on the real images (``images``: a
+    directory or files; default ``shared/images``) grouped by ``batches[0]``, and on ``num_random``
+    random batches of each size in ``batches``. Returns the worst comparison per output; raises
+    :class:`~fastmlr.export.validation.ExportValidationError` when a probability differs by more than
+    ``tolerance`` or a box or index differs at all."""
+    model.eval()
+    inputs = validation_inputs(find_images(images), image_size, batches, num_random=num_random)
+    comparisons = compare_runners(onnx_runtime_runner(path), torch_runner(model), inputs,
+                                  output_names(model), tolerance)
+    raise_on_failure(comparisons, "the ONNX export", notes)
+    return comparisons
+
+
+def to_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: int,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    validate: bool = True,
+    images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    num_random: int = 2,
+) -> Path:
+    """Export ``model`` to a single ONNX file at ``path`` and return the path.
+
+    The graph takes ``images`` ``[batch, 3, S, S]`` float32 (``S = image_size``; ImageNet-normalised
+    RGB) and returns ``probs`` ``[batch, C]`` — plus ``boxes`` ``[batch, N, 4]`` and ``indices``
+    ``[batch, N]`` (int64) for MCAR, whose global-to-local step is part of the graph.
+    ``dynamic_batch=True`` makes the batch axis symbolic (``"batch"``).
+
+    With ``validate`` (the default) the graph is written to a temporary file beside ``path``, run in
+    ONNX Runtime on the real images (``images``, default ``shared/images``) and on random inputs (at
+    ``batch``, and also ``batch + 1`` when the batch is dynamic) and compared with PyTorch:
+    probabilities within 1e-4, boxes and indices identical. Only then is it moved to ``path``; a
+    failure raises ``ExportValidationError`` (a ``RuntimeError``) with the worst difference, the output,
+    the element index and the input, and nothing is written.
+
+    Bad input raises ``ValueError`` (image size not a multiple of 32, opset outside
+    ``MIN_OPSET..MAX_TORCHSCRIPT_OPSET`` or below what the graph needs, unwritable directory) or
+    ``FileNotFoundError`` (missing output directory or image directory).
+    """
+    check_export_args(model, image_size, batch, opset)
+    out = check_output_path(path)
+    model.eval()
+    with staging_directory(out) as staging:
+        staged = Path(staging) / out.name
+        notes = export_graph(model, staged, image_size=image_size, batch=batch,
+                             dynamic_batch=dynamic_batch, opset=opset)
+        write_metadata(staged, model, image_size)
+        onnx.checker.check_model(os.fspath(staged))
+        if validate:
+            batches = (batch, batch + 1) if dynamic_batch else (batch,)
+            validate_onnx(staged, model, image_size=image_size, batches=batches, images=images,
+                          num_random=num_random, notes=notes)
+        os.replace(staged, out)
+    return out

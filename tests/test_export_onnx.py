@@ -1,0 +1,276 @@
+"""ONNX export: parity with PyTorch in ONNX Runtime for every registered model, MCAR as one graph
+with the same boxes, TensorRT op support, validation that refuses to write a differing artifact,
+and the bad inputs of ``to_onnx`` and ``fastmlr export``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from fastmlr.export import check_tensorrt_ops, to_onnx
+from fastmlr.export.onnx_export import ExportWrapper, output_names
+from fastmlr.export.tensorrt_ops import iter_nodes
+from fastmlr.export.validation import (
+    ExportValidationError,
+    compare_arrays,
+    image_batches,
+    raise_on_failure,
+)
+from fastmlr.kernels import use_backend
+from fastmlr.kernels.interval_search import normalize_profiles
+from fastmlr.kernels.localize import _max_marginals_torch, selected_maps
+from torch import nn
+
+import fastmlr
+from fastmlr.cli import main as fastmlr_main
+from fastmlr.models.mcar import select_top_classes
+
+SIZE = 64
+MCAR_SIZE = 96  # 3x3 activation maps: at 2x2 torch's CPU upsampling follows no fixed formula (exact_resize)
+NUM_CLASSES = 10
+
+
+def calibrated(model: nn.Module) -> nn.Module:
+    """Batch-norm statistics measured on random images. With torchvision's initial statistics the
+    random-weight mobilenet saturates its ReLU6s and every output is the same for every input, which
+    would let a wrong graph pass; calibrated, the outputs depend on the input (checked below)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+        norm.train()
+    size = model.image_size
+    with torch.no_grad(), use_backend("torch"):
+        model(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    for norm in norms:
+        norm.eval()
+    return model.eval()
+
+
+#: MCAR's boxes threshold normalised profiles at tau; a profile value within a few units in the last
+#: place of tau flips its sign under the ~1e-7 differences between ONNX Runtime's and PyTorch's
+#: convolutions, and so moves a box. Random MCARs often have such values (even exactly tau) on the
+#: shared images; with this seed every profile stays >= 1e-4 away from tau (checked in the test).
+MCAR_SEED, MCAR_TOPN = 1, 3
+
+
+def small_model(name: str, **cfg) -> nn.Module:
+    size = MCAR_SIZE if name == "mcar" else SIZE
+    if name == "mcar":
+        cfg = {"topn": MCAR_TOPN, **cfg}
+    torch.manual_seed(MCAR_SEED if name == "mcar" else 0)
+    return calibrated(fastmlr.create_model(name, backbone="mobilenet_v2", num_classes=NUM_CLASSES,
+                                           image_size=size, **cfg))
+
+
+def tau_margin(model: nn.Module, images: torch.Tensor) -> float:
+    """The smallest distance to tau of any normalised profile MCAR thresholds for ``images``."""
+    with torch.no_grad(), use_backend("torch"):
+        global_scores, cam_logits = model.global_stream(images)
+        indices = select_top_classes(global_scores, model.topn)
+        maps = selected_maps(cam_logits, indices).flatten(0, 1)
+        profiles = _max_marginals_torch(maps, *images.shape[-2:])
+    return min(float((normalize_profiles(p) - model.threshold).abs().min()) for p in profiles)
+
+
+def run_onnx(path, images: torch.Tensor) -> list[np.ndarray]:
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images.numpy()})
+
+
+def run_torch(model: nn.Module, images: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad(), use_backend("torch"):
+        return [t.numpy() for t in ExportWrapper(model.eval())(images)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, shared_images):
+    """``name -> (model, onnx path)`` for every registered model (mobilenet_v2, 64×64, batch 1),
+    exported once per test module and validated on two real images and one random input."""
+    cache: dict[str, tuple[nn.Module, object]] = {}
+    folder = tmp_path_factory.mktemp("onnx")
+
+    def get(name: str):
+        if name not in cache:
+            model = small_model(name)
+            path = to_onnx(model, folder / f"{name}.onnx", image_size=model.image_size, images=shared_images[:2],
+                           num_random=1)
+            cache[name] = (model, path)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", fastmlr.list_models())
+def test_onnx_runtime_parity_every_model(name: str, exported, shared_images) -> None:
+    model, path = exported(name)
+    (_, images), = image_batches(shared_images[2:4], model.image_size, 2)
+    expected, actual = run_torch(model, images[:1]), run_onnx(path, images[:1])
+    assert np.ptp(np.concatenate([expected[0], run_torch(model, images[1:])[0]]), axis=0).max() > 1e-2
+    assert [o.name for o in onnx.load(os.fspath(path)).graph.output] == list(output_names(model))
+    assert actual[0].shape == (1, NUM_CLASSES)
+    np.testing.assert_allclose(actual[0], expected[0], atol=1e-4, rtol=0)
+    for e, a in zip(expected[1:], actual[1:], strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("name", fastmlr.list_models())
+def test_tensorrt_op_check_passes_every_model(name: str, exported) -> None:
+    _, path = exported(name)
+    check_tensorrt_ops(path)
+
+
+@pytest.fixture(scope="module")
+def mcar_all_images(tmp_path_factory, shared_images):
+    """MCAR exported for one batch holding every shared image, validated on them."""
+    model = small_model("mcar")
+    path = to_onnx(model, tmp_path_factory.mktemp("mcar") / "mcar.onnx", image_size=MCAR_SIZE,
+                   batch=len(shared_images), images=shared_images, num_random=1)
+    return model, path
+
+
+def test_mcar_is_one_graph_with_boxes(mcar_all_images) -> None:
+    _, path = mcar_all_images
+    graph = onnx.load(os.fspath(path))
+    ops = {n.op_type for n in iter_nodes(graph.graph)}
+    assert [o.name for o in graph.graph.output] == ["probs", "boxes", "indices"]
+    assert not ops & {"Loop", "If", "Scan", "NonZero", "ScatterElements"}, ops  # static, loop-free
+    assert {n.domain for n in iter_nodes(graph.graph)} <= {"", "ai.onnx"}
+
+
+def test_mcar_onnx_boxes_equal_pytorch_on_shared_images(mcar_all_images, shared_images) -> None:
+    model, path = mcar_all_images
+    (_, images), = image_batches(shared_images, MCAR_SIZE, len(shared_images))  # every image in one batch
+    expected, actual = run_torch(model, images), run_onnx(path, images)
+    assert tau_margin(model, images) > 1e-4  # the precondition for bit-identical boxes (see MCAR_SEED)
+    probs, boxes, indices = actual
+    assert boxes.shape == (len(shared_images), MCAR_TOPN, 4) and boxes.dtype == np.int64
+    np.testing.assert_array_equal(boxes, expected[1])
+    np.testing.assert_array_equal(indices, expected[2])
+    np.testing.assert_allclose(probs, expected[0], atol=1e-4, rtol=0)
+    assert len({tuple(b.ravel()) for b in boxes}) > 1  # the images do not all give the default boxes
+
+
+def test_mcar_resnet50_exports(tmp_path, shared_images) -> None:
+    torch.manual_seed(0)
+    model = calibrated(fastmlr.create_model("mcar", backbone="resnet50", num_classes=NUM_CLASSES,
+                                            image_size=MCAR_SIZE, topn=2))
+    (_, images), = image_batches(shared_images[:2], MCAR_SIZE, 2)
+    assert tau_margin(model, images) > 1e-4
+    path = to_onnx(model, tmp_path / "mcar_r50.onnx", image_size=MCAR_SIZE, batch=2, images=shared_images[:2],
+                   num_random=1)
+    check_tensorrt_ops(path)
+    np.testing.assert_array_equal(run_onnx(path, images)[1], run_torch(model, images)[1])
+
+
+class FrozenScale(nn.Module):
+    """Multiplies by a Python float computed from the input: tracing freezes it into the graph."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(images.mean().tolist())  # a Python value: the trace keeps it constant
+        return torch.sigmoid(images.mean(dim=(2, 3)) * scale)
+
+
+def test_failing_artifact_is_not_written(tmp_path, shared_images) -> None:
+    out = tmp_path / "frozen.onnx"
+    with pytest.raises(ExportValidationError) as info:
+        to_onnx(FrozenScale(), out, image_size=SIZE, images=shared_images[:2])
+    message = str(info.value)
+    assert "not written" in message and "output 'probs' at index (" in message
+    assert "on images [" in message or "on random input" in message
+    assert "TracerWarning: torch.tensor results are registered as constants" in message  # explains why
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no file, no staging directory left
+
+
+def test_compare_arrays_exact_for_integers_tolerant_for_floats() -> None:
+    boxes = np.array([[[0, 0, 8, 8]]], dtype=np.int64)
+    moved = boxes.copy()
+    moved[0, 0, 2] = 9
+    cmp = compare_arrays("boxes", boxes, moved, 1e-4, "img")
+    assert not cmp.ok and cmp.index == (0, 0, 2) and cmp.difference == 1
+    probs = np.array([[0.5, 0.25]], dtype=np.float32)
+    assert compare_arrays("probs", probs, probs + 5e-5, 1e-4, "img").ok
+    worst = compare_arrays("probs", probs, probs + np.array([[0, 3e-4]], dtype=np.float32), 1e-4, "img")
+    assert not worst.ok and worst.index == (0, 1)
+    shape = compare_arrays("probs", probs, probs[:, :1], 1e-4, "img")
+    assert not shape.ok and "shape" in shape.describe()
+    with pytest.raises(ExportValidationError, match=r"output 'boxes' at index \(0, 0, 2\) on img"):
+        raise_on_failure([cmp], "the ONNX export")
+
+
+class GridSampler(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = torch.zeros(images.shape[0], 2, 2, 2)
+        return F.grid_sample(images, grid, align_corners=True).flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"image_size": 100}, ValueError, "multiple of 32"),
+        ({"image_size": SIZE, "opset": 8}, ValueError, "opset must be an integer in 9..20"),
+        ({"image_size": SIZE, "opset": 21}, ValueError, "opset must be an integer in 9..20"),
+        ({"image_size": SIZE, "batch": 0}, ValueError, "batch must be a positive integer"),
+    ],
+)
+def test_to_onnx_rejects_bad_arguments(tmp_path, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        to_onnx(GridSampler(), tmp_path / "m.onnx", **kwargs)
+
+
+def test_opset_below_what_the_graph_needs(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"opset 15 is below what the graph needs \(opset 16\)"):
+        to_onnx(GridSampler(), tmp_path / "m.onnx", image_size=SIZE, opset=15, validate=False)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unwritable_output_paths(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="output directory does not exist"):
+        to_onnx(GridSampler(), tmp_path / "missing" / "m.onnx", image_size=SIZE)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        to_onnx(GridSampler(), tmp_path / "file" / "m.onnx", image_size=SIZE)
+
+
+def export_cli(capsys, *args: str) -> tuple[int, str]:
+    code = fastmlr_main(["export", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--model", "baseline", "--format", "tflite"], "unknown format 'tflite'"),
+        (["--model", "baseline", "--size", "100"], "positive multiple of 32 (the backbones' stride), got 100"),
+        (["--model", "baseline", "--opset", "7"], "opset must be an integer in 9..20"),
+        (["--model", "baseline", "--precision", "int4"], "unknown precision 'int4'"),
+    ],
+)
+def test_cli_bad_inputs_one_line_each(capsys, tmp_path, args, message) -> None:
+    code, err = export_cli(capsys, *args, "--backbone", "mobilenet_v2", "--num-classes", "4",
+                           "--out", str(tmp_path / "m.onnx"))
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("fastmlr export: error: ") and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unwritable_path(capsys, tmp_path) -> None:
+    code, err = export_cli(capsys, "--model", "baseline", "--out", str(tmp_path / "no" / "m.onnx"))
+    assert code == 1 and "output directory does not exist" in err
+
+
+def test_cli_exports_validated_onnx(capsys, tmp_path, shared_images) -> None:
+    out = tmp_path / "baseline.onnx"
+    code = fastmlr_main(["export", "--model", "baseline", "--backbone", "mobilenet_v2", "--num-classes", "4",
+                         "--size", "64", "--batch", "2", "--dynamic-batch", "--images", str(shared_images[0].parent),
+                         "--out", str(out)])
+    assert code == 0 and out.is_file() and "validated" in capsys.readouterr().out
+    proto = onnx.load(os.fspath(out))
+    assert {p.key: p.value for p in proto.metadata_props}["fastmlr.model"] == "baseline"
+    assert run_onnx(out, torch.zeros(3, 3, 64, 64))[0].shape == (3, 4)  # dynamic batch
