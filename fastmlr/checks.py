@@ -9,7 +9,8 @@ def check_images(images: torch.Tensor, image_size: int | None = None) -> None:
     """Validate a batch of images ``[B, 3, H, W]``.
 
     Requires a floating tensor with 4 dimensions, 3 channels, a non-empty batch, H and W multiples
-    of 32 (the backbones' stride) and finite values. When ``image_size`` is given (models whose
+    of 32 (the backbones' stride) and finite values (not checked while
+    tracing for export or compile). When ``image_size`` is given (models whose
     layer widths depend on it, e.g. LCE), H and W must equal it.
     """
     if not isinstance(images, torch.Tensor):
@@ -27,7 +28,8 @@ def check_images(images: torch.Tensor, image_size: int | None = None) -> None:
         raise ValueError(f"image height and width must be positive multiples of 32, got {h}x{w}")
     if image_size is not None and (h, w) != (image_size, image_size):
         raise ValueError(f"this model is built for {image_size}x{image_size} images, got {h}x{w}")
-    if not torch.isfinite(images).all():
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if not tracing and not torch.isfinite(images).all():  # a value check cannot be traced or exported
         raise ValueError("images contain NaN or infinite values")
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from fastmlr.backbones import backbone_spec, build_backbone
 from fastmlr.checks import check_images
+from fastmlr.losses import multilabel_bce
 
 
 class MLRModel(nn.Module):
@@ -52,3 +53,20 @@ class MLRModel(nn.Module):
     def remap_checkpoint_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint's keys onto this model's (identity by default)."""
         return state_dict
+
+
+class LogitModel(MLRModel):
+    """A model whose head gives one ``[B, C]`` logit tensor (baseline, ML-GCN, SSGRL, Deep-LIFT):
+    subclasses define ``logits(images)``; eval returns probabilities, training the logits for
+    :meth:`loss` (binary cross-entropy)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Eval: ``[B, C]`` probabilities. Train: ``[B, C]`` logits."""
+        self.check_input(images)
+        logits = self.logits(images)
+        return logits if self.training else torch.sigmoid(logits)
+
+    @staticmethod
+    def loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Binary cross-entropy of the training logits against 0/1 ``targets`` ``[B, C]``."""
+        return multilabel_bce(outputs, targets, reduction)

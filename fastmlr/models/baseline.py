@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmlr.models.base import MLRModel
+from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
 
 POOLINGS = ("avg", "max", "gwp")
@@ -30,7 +30,7 @@ def check_pooling(pooling: str) -> str:
 
 
 @register_model("baseline")
-class Baseline(MLRModel):
+class Baseline(LogitModel):
     """``pooling`` is ``"avg"``, ``"max"`` or ``"gwp"`` (default ``"avg"``, the tables' plain ResNet)."""
 
     def __init__(self, *, pooling: str = "avg", **kw) -> None:
@@ -42,8 +42,3 @@ class Baseline(MLRModel):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, C]`` logits (no input checks)."""
         return self.convclass(global_pool(self.features(images), self.pooling)).flatten(1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W] -> [B, C]`` probabilities."""
-        self.check_input(images)
-        return torch.sigmoid(self.logits(images))

@@ -24,8 +24,7 @@ from fastmlr.graph import (
     adjacency_matrix,
     label_embedding_matrix,
 )
-from fastmlr.losses import multilabel_bce
-from fastmlr.models.base import MLRModel
+from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
 
 GCN_VARIANTS = ("agcn", "rgcn")
@@ -47,7 +46,7 @@ class AttentionGCN(nn.Module):
 
 
 @register_model("deeplift")
-class DeepLIFT(MLRModel):
+class DeepLIFT(LogitModel):
     """Deep-LIFT with options ``gcn`` (``"agcn"``, default, or ``"rgcn"``), ``label_embeddings``
     (``[C, 300]`` tensor/ndarray or ``.npy`` path; a seeded random stand-in when ``None``, see
     :func:`fastmlr.graph.label_embedding_matrix`) and ``adjacency`` (``[C, C]``, from
@@ -94,14 +93,3 @@ class DeepLIFT(MLRModel):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, C]`` logits (no input checks)."""
         return self.head(self.pooled_lift(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Eval: ``[B, C]`` probabilities. Train: ``[B, C]`` logits."""
-        self.check_input(images)
-        logits = self.logits(images)
-        return logits if self.training else torch.sigmoid(logits)
-
-    @staticmethod
-    def loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Eq. 8: binary cross-entropy of the training logits against 0/1 ``targets`` ``[B, C]``."""
-        return multilabel_bce(outputs, targets, reduction)

@@ -21,13 +21,12 @@ from fastmlr.graph import (
     adjacency_matrix,
     label_embedding_matrix,
 )
-from fastmlr.losses import multilabel_bce
-from fastmlr.models.base import MLRModel
+from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
 
 
 @register_model("mlgcn")
-class MLGCN(MLRModel):
+class MLGCN(LogitModel):
     """ML-GCN with options ``label_embeddings`` (``[C, 300]`` tensor/ndarray or ``.npy`` path; a
     seeded random stand-in when ``None``, see :func:`fastmlr.graph.label_embedding_matrix`) and
     ``adjacency`` (``[C, C]``, e.g. :func:`fastmlr.graph.cooccurrence_adjacency` of the training
@@ -59,14 +58,3 @@ class MLGCN(MLRModel):
         """``[B, 3, H, W] -> [B, C]`` logits (no input checks)."""
         pooled = F.adaptive_max_pool2d(self.features(images), 1).flatten(1)  # GMP
         return pooled @ self.classifiers().T
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Eval: ``[B, C]`` probabilities. Train: ``[B, C]`` logits."""
-        self.check_input(images)
-        logits = self.logits(images)
-        return logits if self.training else torch.sigmoid(logits)
-
-    @staticmethod
-    def loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Binary cross-entropy of the training logits against 0/1 ``targets`` ``[B, C]``."""
-        return multilabel_bce(outputs, targets, reduction)

@@ -26,15 +26,14 @@ from fastmlr.graph import (
     adjacency_matrix,
     label_embedding_matrix,
 )
-from fastmlr.losses import multilabel_bce
-from fastmlr.models.base import MLRModel
+from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
 
 ATTENTION_DIM = 1024
 
 
 @register_model("ssgrl")
-class SSGRL(MLRModel):
+class SSGRL(LogitModel):
     """SSGRL with options ``label_embeddings`` (``[C, 300]`` tensor/ndarray or ``.npy`` path; a
     seeded random stand-in when ``None``, see :func:`fastmlr.graph.label_embedding_matrix`),
     ``adjacency`` (``[C, C]`` non-negative: the GGNN's incoming matrix, its transpose the outgoing
@@ -78,14 +77,3 @@ class SSGRL(MLRModel):
         semantic = self.semantic_decoupling(tokens)
         propagated = self.ggnn(semantic, self.adjacency)
         return self.classifier(torch.tanh(self.output(torch.cat([propagated, semantic], dim=-1))))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Eval: ``[B, C]`` probabilities. Train: ``[B, C]`` logits."""
-        self.check_input(images)
-        logits = self.logits(images)
-        return logits if self.training else torch.sigmoid(logits)
-
-    @staticmethod
-    def loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Binary cross-entropy of the training logits against 0/1 ``targets`` ``[B, C]``."""
-        return multilabel_bce(outputs, targets, reduction)
