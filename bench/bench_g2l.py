@@ -4,7 +4,7 @@ Configuration (the paper's): 448×448 inputs, C = 80 classes, 14×14 class maps,
 B ∈ {1, 8, 32}. Groups:
 
 - ``step``: boxes and the B×N resized local inputs — (a) ``released``: the released code's loop
-  (:mod:`released_g2l`: all C maps upsampled, Python interval search, one ``F.interpolate`` per
+  (:mod:`fastmlr.testing`: all C maps upsampled, Python interval search, one ``F.interpolate`` per
   region); (b) ``torch``: ``localize_regions`` + ``crop_resize`` torch references; (c) ``triton``:
   their Triton kernels (CUDA only; skipped otherwise); (d) ``torch+loop``: the torch localization with
   the released per-region ``F.interpolate`` crops (on CPU that loop of fused C++ kernels is faster
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 import torchvision
 from _env import capture_environment, describe_machine
 from fastmlr.kernels import crop_resize, localize_regions
-from released_g2l import released_global_to_local, released_localize
+
+from fastmlr.testing import released_global_to_local, released_localize
 
 SIZE = 448
 CLASSES = 80

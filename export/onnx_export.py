@@ -10,10 +10,12 @@ which is why every export is validated on real and random inputs before it is ke
 
 Models with a ``forward_stages`` method (MCAR) are exported as one graph, global-to-local step
 included, with outputs ``(probs, boxes, indices)``; every other model has one output, ``probs``.
-Export runs the kernels on torch (``use_backend("torch")``); ops that have a ``<op>_reference``
-(the fused attention ops) run that broadcast reference while tracing (:func:`traceable_kernels`).
-MCAR's global-to-local ops are written without loops or data-dependent shapes so that they trace
-into static ONNX. The PyTorch side of validation runs the model exactly as users do (kernels on torch).
+Export runs the kernels on torch (``use_backend("torch")``); while the exporter traces, the kernels
+switch to their trace-safe forms themselves (``fastmlr.kernels.interval_search.is_exporting``: the fused
+attention ops leave their in-place, block-looping ``autograd.Function`` paths; image sizes read from
+traced shapes are taken as ints). MCAR's global-to-local ops are written without loops,
+data-dependent shapes or batch-sized constants, so they trace into static ONNX whose batch axis can
+stay dynamic. The PyTorch side of validation runs the model exactly as users do (kernels on torch).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,6 @@ import torch
 from fastmlr.kernels import use_backend
 from torch import nn
 from torch.onnx import symbolic_helper
-
-from fastmlr import kernels
 
 from .tensorrt_ops import tensorrt_op_support
 from .validation import (
@@ -148,56 +148,6 @@ def opset_error(opset: int, err: Exception) -> ValueError:
     return ValueError(f"the graph cannot be exported to ONNX at opset {opset}: {err}")
 
 
-def kernel_op_names() -> list[str]:
-    """The public ``fastmlr.kernels`` ops (not the dispatch helpers, not the ``*_reference`` functions)."""
-    helpers = {"resolve_backend", "use_backend", "triton_available", "interpreter_enabled"}
-    return sorted(name for name in getattr(kernels, "__all__", ())
-                  if name not in helpers and not name.endswith("_reference") and callable(getattr(kernels, name)))
-
-
-def static_size(arg: object) -> object:
-    """A tuple of 0-dim tensors (image sizes read from ``images.shape`` while the exporter traces)
-    becomes a tuple of ints; anything else is returned unchanged. fastmlr exports fix H and W (only
-    the batch axis can be dynamic), so freezing them is exact."""
-    if isinstance(arg, tuple) and arg and all(isinstance(a, torch.Tensor) and a.dim() == 0 for a in arg):
-        return tuple(int(a) for a in arg)
-    return arg
-
-
-@contextlib.contextmanager
-def traceable_kernels() -> Iterator[list[str]]:
-    """Inside the block, the ``fastmlr.kernels`` ops are adapted to the TorchScript tracer:
-
-    - an op with a ``<op>_reference`` runs that reference. The ops' torch paths run inside
-      ``torch.autograd.Function`` and write their result block by block into a ``torch.empty`` buffer;
-      the exporter drops those in-place writes (the exported op becomes a constant) and would freeze
-      the block loop at the traced batch. The references are the same maths as plain broadcast ops
-      (the kernels' test oracle) and trace exactly; the ops' keyword options (``backend``,
-      ``max_chunk_bytes``) do not apply to them and are dropped;
-    - every op receives image sizes as ints (:func:`static_size`): traced sizes arrive as 0-dim
-      tensors, which the ops' argument checks reject.
-
-    Yields the names of the ops that run their reference."""
-    names = kernel_op_names()
-    originals = {name: getattr(kernels, name) for name in names}
-    with_reference = [name for name in names if callable(getattr(kernels, f"{name}_reference", None))]
-
-    def adapt(op: Callable, keep_options: bool) -> Callable:
-        def call(*args, **options):
-            return op(*(static_size(a) for a in args), **(options if keep_options else {}))
-
-        return call
-
-    for name in names:
-        reference = getattr(kernels, f"{name}_reference", None)
-        setattr(kernels, name, adapt(reference, False) if name in with_reference else adapt(originals[name], True))
-    try:
-        yield with_reference
-    finally:
-        for name, original in originals.items():
-            setattr(kernels, name, original)
-
-
 def _sort_symbolic(g, values, *args):  # noqa: ANN001, ANN202 - TorchScript symbolic signature
     """ONNX for ``aten::sort`` and ``aten::sort.stable`` (``torch.sort(..., stable=True)``, which
     torch's own symbolic rejects): TopK over the whole axis. ONNX TopK puts equal values in index order
@@ -238,7 +188,7 @@ def transformer_fastpath_disabled() -> Iterator[None]:
 def export_graph(
     model: nn.Module, path: str | os.PathLike, *, image_size: int, batch: int, dynamic_batch: bool, opset: int
 ) -> list[str]:
-    """Trace ``model`` (through :class:`ExportWrapper`, kernels on their torch references) into an ONNX
+    """Trace ``model`` (through :class:`ExportWrapper`, kernels on torch) into an ONNX
     file at ``path``. Returns the tracer's warnings (text), which explain most validation failures.
     Raises ``ValueError`` when ``opset`` lacks an op the graph needs."""
     wrapper = ExportWrapper(model).eval()
@@ -248,7 +198,7 @@ def export_graph(
     example = random_batches(image_size, traced_batch, 1)[0][1].to(model_device(model))
     dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]} if dynamic_batch else None
     with warnings.catch_warnings(record=True) as caught, use_backend("torch"), torch.no_grad(), \
-            transformer_fastpath_disabled(), traceable_kernels(), stable_sort_symbolic(opset):
+            transformer_fastpath_disabled(), stable_sort_symbolic(opset):
         warnings.simplefilter("always")
         for notice in _LEGACY_EXPORTER_NOTICES:
             warnings.filterwarnings("ignore", message=notice)

@@ -23,6 +23,15 @@ Backends (``backend="auto" | "torch" | "triton"``, resolved by
   :data:`DEFAULT_CHUNK_BYTES`) — CPU users get the memory win too; for the softmax pool,
   ``softmax(s) @ F``, which never needs a ``[B, C, HW, D]`` tensor in the first place.
 
+While an exporter traces (``torch.jit`` / ``torch.onnx.export`` / ``torch.export`` / ``torch.compile``:
+:func:`~fastmlr.kernels.interval_search.is_exporting`), every op runs plain out-of-place torch outside
+any ``torch.autograd.Function``, whatever the backend: the scores and the max pool the chunked path's
+arithmetic on the whole batch in one block, the softmax pool its torch path. The chunked path's
+in-place block writes would be dropped by the ONNX exporter (the op would become a constant) and its
+block loop unrolled at the traced batch; the plain form traces into a graph whose batch axis can stay
+symbolic. The scores and the max pool then form ``[B, C, HW, D]`` (as a graph of the naive formula
+would): the exported graph trades the memory bound for ops every exporter and TensorRT read.
+
 Every op trains (gradients match the references'), memory bounded the same way:
 ``tanh_attention_scores``'s backward recomputes ``tanh(P * Q)`` block by block in torch;
 ``srdl_max_pool`` keeps the arg-max positions (``[B, C, D]``, only when a gradient is needed) and
@@ -36,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
+from .interval_search import is_exporting
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -163,6 +173,12 @@ def _tanh_scores_backward_chunked(
     return dP, dQ, dw
 
 
+def _tanh_scores_traceable(P: torch.Tensor, Q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The scores as plain out-of-place ops on the whole batch (the chunked path's arithmetic in one
+    block), for exporters."""
+    return torch.matmul(torch.tanh(P[:, None, :, :] * Q[None, :, None, :]), w) + bias.reshape(())
+
+
 class _TanhAttentionScores(torch.autograd.Function):
     """Forward by the chosen backend; backward by the chunked recompute."""
 
@@ -219,6 +235,8 @@ def tanh_attention_scores(
     check_chunk_bytes(op, max_chunk_bytes)
     bias = _bias_tensor(b, P)
     check_same_device_dtype(op, P=P, Q=Q, w=w, b=bias)
+    if is_exporting():
+        return _tanh_scores_traceable(P, Q, w, bias)
     chosen = resolve_backend(op, backend, P, Q, w)
     return _TanhAttentionScores.apply(
         P.contiguous(), Q.contiguous(), w.contiguous(), bias, chosen, max_chunk_bytes
@@ -256,6 +274,12 @@ def _srdl_max_chunked(
             out[bs, cs] = weighted.amax(2)
         del weighted  # free this block before the next one is allocated
     return out.mul_(0.5), argmax
+
+
+def _srdl_max_traceable(F: torch.Tensor, SA: torch.Tensor, CA: torch.Tensor) -> torch.Tensor:
+    """The pooled features as plain out-of-place ops on the whole batch (the chunked path's arithmetic
+    in one block), for exporters."""
+    return torch.add(SA[:, :, :, None], CA[:, :, None, :]).mul(F[:, None, :, :]).amax(2).mul(0.5)
 
 
 def _srdl_max_backward(
@@ -330,6 +354,8 @@ def srdl_max_pool(
     check_tensor(op, "CA", CA, (B, SA.shape[1], D))
     check_chunk_bytes(op, max_chunk_bytes)
     check_same_device_dtype(op, F=F, SA=SA, CA=CA)
+    if is_exporting():
+        return _srdl_max_traceable(F, SA, CA)
     chosen = resolve_backend(op, backend, F, SA, CA)
     with_argmax = torch.is_grad_enabled() and any(t.requires_grad for t in (F, SA, CA))
     return _SrdlMaxPool.apply(
@@ -393,6 +419,6 @@ def softmax_attention_pool(F: torch.Tensor, s: torch.Tensor, *, backend: str = "
     B, HW, _ = F.shape
     check_tensor(op, "s", s, (B, None, HW))
     check_same_device_dtype(op, F=F, s=s)
-    if resolve_backend(op, backend, F, s) == "triton":
+    if not is_exporting() and resolve_backend(op, backend, F, s) == "triton":
         return _SoftmaxAttentionPoolTriton.apply(F.contiguous(), s.contiguous())
     return _softmax_pool_torch(F, s)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from ._dispatch import interpreter_enabled, resolve_backend
-from .interval_search import is_exporting
+from .interval_search import is_exporting, traced_size
 
 try:
     import triton
@@ -39,8 +39,10 @@ OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def output_hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    """``(sh, sw)`` from an int or a pair of positive ints."""
-    pair = (size, size) if isinstance(size, int) else tuple(size)
+    """``(sh, sw)`` from an int or a pair of positive ints; traced sizes are read as ints
+    (:func:`~.interval_search.traced_size`)."""
+    size = traced_size(size)
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair):
         raise ValueError(f"crop_resize: size must be a positive int or (height, width) of them, got {size!r}")
     return pair  # type: ignore[return-value]

@@ -6,7 +6,8 @@ by side behind one dispatcher:
 
 - the torch reference: vectorised over every leading dimension and traceable by
   ``torch.onnx.export`` (opset 17) — only comparisons, ``where``, ``cumsum``, ``sort``, ``gather`` and
-  max/argmax reductions, no data-dependent shapes;
+  max/argmax reductions, no data-dependent shapes, and no constant sized by the leading axes
+  (zeros are ``x * 0``, positions broadcast), so they can stay dynamic in the exported graph;
 - a Triton kernel: one program per profile, the profile padded to a power of two with masks.
 
 How the search is vectorised. The crossings ``z0 < … < zk`` cut ``[0, L)`` into the segments
@@ -44,6 +45,22 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def is_exporting() -> bool:
     """True while torch.jit / dynamo / torch.export traces the op (value checks would break tracing)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def traced_size(size: object) -> object:
+    """``size`` with the traced sizes made ints: while :func:`is_exporting`, a 0-dim integer tensor
+    (what ``tensor.shape`` entries are under ``torch.jit``'s tracer), alone or in a tuple/list, becomes
+    a Python int, fixed in the traced graph (fastmlr's exports fix the image size; only the batch axis
+    is dynamic). Anything else, and everything outside tracing, is returned unchanged, for the size
+    checks to judge."""
+    if not is_exporting():
+        return size
+
+    def as_int(value: object) -> object:
+        traced = isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
+        return int(value) if traced and value.dtype != torch.bool else value
+
+    return type(size)(as_int(v) for v in size) if isinstance(size, (tuple, list)) else as_int(size)
 
 
 def check_profiles(profiles: torch.Tensor, threshold: float, op: str = "interval_search") -> None:
@@ -91,10 +108,9 @@ def _apply_minimum_size(lo: torch.Tensor, hi: torch.Tensor, length: int) -> tupl
     grow = applies & (lo > half) & (length - hi > pad)  # check 1
     lo, hi = torch.where(grow, lo - half + 1, lo), torch.where(grow, hi + half, hi)
     at_start = applies & (lo < half)  # check 2
-    lo, hi = torch.where(at_start, torch.zeros_like(lo), lo), torch.where(at_start, minsize, hi)
+    lo, hi = torch.where(at_start, 0, lo), torch.where(at_start, minsize, hi)
     at_end = applies & (length - hi < half)  # check 3
-    lo = torch.where(at_end, length - minsize + 1, lo)
-    hi = torch.where(at_end, torch.full_like(hi, length), hi)
+    lo, hi = torch.where(at_end, length - minsize + 1, lo), torch.where(at_end, length, hi)
     return lo, hi
 
 
@@ -103,14 +119,15 @@ def search_normalized(s: torch.Tensor, threshold: float) -> torch.Tensor:
     length = s.shape[-1]
     tau = torch.tensor(threshold, dtype=s.dtype, device=s.device)  # compared in the profile's dtype
     sign = (s > tau).long() - (s < tau).long()  # NaN and values equal to tau have sign 0
-    crossing = (sign[..., 1:] - sign[..., :-1]).abs() == 2  # crossing at i in 0..L-2
-    crossing = torch.cat([crossing, torch.zeros_like(crossing[..., :1])], dim=-1)  # none at L-1
-    position = torch.arange(length, device=s.device).expand_as(crossing)
+    # Crossing at i in 0..L-2, none at L-1 (a zero step appended: ``x * 0`` keeps leading axes symbolic).
+    step = torch.cat([sign[..., 1:] - sign[..., :-1], sign[..., :1] * 0], dim=-1)
+    crossing = step.abs() == 2
+    position = torch.arange(length, device=s.device)  # broadcast against [..., L] by where
     n_cross = crossing.sum(-1, keepdim=True)
     segment = crossing.long().cumsum(-1)  # index j lies in segment [z_{m-1}, z_m), m = segment[j]
     # z_m for m = 0..L-1 (L beyond the last crossing): segment m ends at z_m and starts at z_{m-1}.
     ends_by_segment = torch.where(crossing, position, length).sort(-1).values
-    starts_by_segment = torch.cat([torch.zeros_like(ends_by_segment[..., :1]), ends_by_segment[..., :-1]], -1)
+    starts_by_segment = torch.cat([ends_by_segment[..., :1] * 0, ends_by_segment[..., :-1]], -1)
     start = starts_by_segment.gather(-1, segment)
     end = ends_by_segment.gather(-1, segment)
     # Examination order: [0, z0) first, then [zk, L), then [z0, z1), [z1, z2), ...

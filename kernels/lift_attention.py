@@ -16,7 +16,9 @@ CBAM) without saying whether its layers have biases; ``b1``/``b2`` may be tensor
 
 Backends: ``"torch"`` forms ``A`` with one matmul (``[B, C, HW]``, small: no chunking needed) and
 pools it; ``"triton"`` computes the pooled statistics in a kernel that tiles ``A = L F^T`` in
-registers and reduces it on the fly, never writing ``A``. Its backward recomputes in torch.
+registers and reduces it on the fly, never writing ``A``. Its backward recomputes in torch. While an
+exporter traces (:func:`~fastmlr.kernels.interval_search.is_exporting`) the torch path runs whatever
+the backend: its plain ops trace, the Triton kernel's ``torch.autograd.Function`` does not.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .category_attention import check_same_device_dtype, check_tensor
+from .interval_search import is_exporting
 
 __all__ = ["lift_attention_pool", "lift_attention_pool_reference"]
 
@@ -127,7 +130,7 @@ def lift_attention_pool(
         check_tensor(op, "b2", b2, (C,))
         mlp["b2"] = b2
     check_same_device_dtype(op, L=L, F=F, **mlp)
-    if resolve_backend(op, backend, L, F) == "triton":
+    if not is_exporting() and resolve_backend(op, backend, L, F) == "triton":
         avg, mx = _LiftStatsTriton.apply(L.contiguous(), F.contiguous())
     else:
         avg, mx = _lift_stats_torch(L, F)

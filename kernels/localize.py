@@ -45,7 +45,7 @@ import torch
 from fastmlr.checks import check_threshold
 
 from ._dispatch import resolve_backend
-from .interval_search import interval_search_torch, is_exporting, launch_interval_search
+from .interval_search import interval_search_torch, is_exporting, launch_interval_search, traced_size
 
 try:
     import triton
@@ -57,8 +57,11 @@ __all__ = ["axis_sampling", "localize_regions", "localize_regions_torch", "max_m
 
 
 def image_hw(image_size: int | tuple[int, int], op: str = "localize_regions") -> tuple[int, int]:
-    """``(H, W)`` from an int or a pair of ints, each >= 2 (a profile needs two samples)."""
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    """``(H, W)`` from an int or a pair of ints, each >= 2 (a profile needs two samples); traced sizes
+    are read as ints (:func:`~.interval_search.traced_size`)."""
+    image_size = traced_size(image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size) \
+        if isinstance(image_size, (tuple, list)) else ()
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in size):
         raise ValueError(f"{op}: image_size must be an int or (H, W) of ints >= 2, got {image_size!r}")
     return size  # type: ignore[return-value]
@@ -92,8 +95,9 @@ def selected_maps(cam_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     gathered at ``indices`` → ``[B, N, h, w]``. The sigmoid runs on all C maps (cheap at h×w) so each
     value is computed exactly as when every map is kept."""
     maps = torch.sigmoid(cam_logits.float())
-    batch, _, height, width = maps.shape
-    gather_index = indices.long()[:, :, None, None].expand(batch, indices.shape[1], height, width)
+    # The index broadcast to [B, N, h, w] by adding zeros, not by an expand to traced sizes: the ONNX
+    # exporter's shape inference then keeps N, h, w static (and B symbolic under a dynamic batch).
+    gather_index = indices.long()[:, :, None, None] + torch.zeros_like(maps[:, :1], dtype=torch.long)
     return maps.gather(1, gather_index)
 
 
@@ -122,17 +126,20 @@ def sampling_tensors(in_size: int, out_size: int, device: torch.device) -> tuple
 
 
 def _max_marginals_torch(maps: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Doc §1 steps 3 and 5 on float32 ``maps [M, h, w]`` → ``(px [M, W], py [M, H])``."""
+    """Doc §1 steps 3 and 5 on float32 ``maps [..., h, w]`` → ``(px [..., W], py [..., H])``.
+
+    Indexes the last two axes only, so the leading axes (batch, regions) are never reshaped: traced
+    by the ONNX exporter they stay symbolic (a dynamic batch axis survives shape inference)."""
     y0, y1, h0l, h1l, rows = sampling_tensors(int(maps.shape[-2]), height, maps.device)
     x0, x1, w0l, w1l, cols = sampling_tensors(int(maps.shape[-1]), width, maps.device)
-    # The horizontal pass on the h low-resolution rows, every output column: [M, h, W].
-    across = w0l * maps.index_select(2, x0) + w1l * maps.index_select(2, x1)
-    # px: the vertical pass at the extremal rows only, [M, E_rows, W], max over rows.
-    top, bottom = across.index_select(1, y0[rows]), across.index_select(1, y1[rows])
-    px = (h0l[rows, None] * top + h1l[rows, None] * bottom).amax(1)
-    # py: the vertical pass at every row of the extremal columns, [M, H, E_cols], max over columns.
-    at_cols = across.index_select(2, cols)
-    py = (h0l[:, None] * at_cols.index_select(1, y0) + h1l[:, None] * at_cols.index_select(1, y1)).amax(2)
+    # The horizontal pass on the h low-resolution rows, every output column: [..., h, W].
+    across = w0l * maps.index_select(-1, x0) + w1l * maps.index_select(-1, x1)
+    # px: the vertical pass at the extremal rows only, [..., E_rows, W], max over rows.
+    top, bottom = across.index_select(-2, y0[rows]), across.index_select(-2, y1[rows])
+    px = (h0l[rows, None] * top + h1l[rows, None] * bottom).amax(-2)
+    # py: the vertical pass at every row of the extremal columns, [..., H, E_cols], max over columns.
+    at_cols = across.index_select(-1, cols)
+    py = (h0l[:, None] * at_cols.index_select(-2, y0) + h1l[:, None] * at_cols.index_select(-2, y1)).amax(-1)
     return px, py
 
 
@@ -277,8 +284,7 @@ def localize_regions_torch(
     maps = selected_maps(cam_logits, indices)
     if maps.numel() == 0:
         return torch.empty(*indices.shape, 4, dtype=torch.long, device=cam_logits.device)
-    px, py = _max_marginals_torch(maps.flatten(0, 1), height, width)
-    px, py = px.unflatten(0, indices.shape), py.unflatten(0, indices.shape)
+    px, py = _max_marginals_torch(maps, height, width)  # [B, N, W], [B, N, H]
     if height == width:  # one search over both profiles: half the (small) ops
         x, y = interval_search_torch(torch.stack([px, py]), threshold).unbind(0)
         return _boxes_from_intervals(x, y)

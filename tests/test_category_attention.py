@@ -4,6 +4,9 @@ The naive broadcast ``*_reference`` forms are the oracle; the chunked torch path
 chunk budgets so that it really splits, and the Triton kernels run in the CPU interpreter.
 """
 
+import io
+import warnings
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -235,3 +238,47 @@ def test_cuda_kernels_match_reference(shape):
                      tanh_attention_scores_reference(P, Q, w, b))
     assert_close_rel(srdl_max_pool(F, SA, CA, backend="triton"), srdl_max_pool_reference(F, SA, CA))
     assert_close_rel(softmax_attention_pool(F, s, backend="triton"), softmax_attention_pool_reference(F, s))
+
+
+
+
+# --- tracing ------------------------------------------------------------------------------------
+
+
+def onnx_replay(fn, example: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``fn`` exported by torch's TorchScript ONNX exporter (as ``fastmlr.export`` runs it) from the
+    ``example`` tensors, every one with a dynamic leading (batch) axis, then run in ONNX Runtime on
+    ``inputs``."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, *tensors):
+            return fn(*tensors)
+
+    names = [f"x{i}" for i in range(len(example))]
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(Wrapper(), tuple(example), buffer, dynamo=False, opset_version=17, input_names=names,
+                          output_names=["out"], dynamic_axes={n: {0: "batch"} for n in [*names, "out"]})
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_ops_follow_their_inputs_at_any_batch(backend):
+    """Exported to ONNX at batch 2 with a tiny chunk budget, each op runs in ONNX Runtime on new
+    inputs at batch 3 like the reference: while tracing, the ops run plain out-of-place torch (no
+    in-place block writes for the exporter to drop, which made the op a constant; no block loop
+    unrolled at the traced batch), whatever the backend."""
+    P, Q, w, b = tanh_inputs(2, 5, 9, 64)
+    P3 = tanh_inputs(3, 5, 9, 64)[0]
+    scores = onnx_replay(lambda P: tanh_attention_scores(P, Q, w, b, backend=backend, max_chunk_bytes=TINY_CHUNK),
+                         [P], [P3])
+    assert_close_rel(scores, tanh_attention_scores_reference(P3, Q, w, b))
+    srdl = onnx_replay(lambda *x: srdl_max_pool(*x, backend=backend, max_chunk_bytes=TINY_CHUNK),
+                       list(srdl_inputs(2, 5, 9, 64)), inputs := list(srdl_inputs(3, 5, 9, 64)))
+    assert_close_rel(srdl, srdl_max_pool_reference(*inputs))
+    softmax = onnx_replay(lambda *x: softmax_attention_pool(*x, backend=backend),
+                          list(softmax_inputs(2, 5, 9, 64)), inputs := list(softmax_inputs(3, 5, 9, 64)))
+    assert_close_rel(softmax, softmax_attention_pool_reference(*inputs))

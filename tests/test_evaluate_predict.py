@@ -23,24 +23,15 @@ from fastmlr.predict import (
     scale_box,
     top_labels,
 )
+from fastmlr.testing import calibrate_batchnorm
 
 SMALL = ["--backbone", "mobilenet_v2", "--size", "64"]
 SMALL_MODEL = {"backbone": "mobilenet_v2", "num_classes": 80, "image_size": 64}
 
 
 def image_dependent_model(name: str) -> nn.Module:
-    """A small random model whose outputs depend on the image. Freshly initialised mobilenet_v2
-    features shrink to ~1e-9 through the network, making every image score the same; batch-norm
-    statistics measured on one random batch restore unit-scale activations."""
-    model = create_model(name, **SMALL_MODEL)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # running stats = this batch's
-    model.train()
-    with torch.no_grad():
-        model.features(torch.randn(8, 3, 64, 64))
-    return model.eval()
+    """A small random model whose outputs depend on the image (see :func:`calibrate_batchnorm`)."""
+    return calibrate_batchnorm(create_model(name, **SMALL_MODEL), torch.randn(8, 3, 64, 64))
 
 
 @pytest.fixture(scope="module")

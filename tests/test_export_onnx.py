@@ -18,8 +18,10 @@ from fastmlr.export.tensorrt_ops import iter_nodes
 from fastmlr.export.validation import (
     ExportValidationError,
     compare_arrays,
+    find_images,
     image_batches,
     raise_on_failure,
+    random_batches,
 )
 from fastmlr.kernels import use_backend
 from fastmlr.kernels.interval_search import normalize_profiles
@@ -54,18 +56,41 @@ def calibrated(model: nn.Module) -> nn.Module:
 
 #: MCAR's boxes threshold normalised profiles at tau; a profile value within a few units in the last
 #: place of tau flips its sign under the ~1e-7 differences between ONNX Runtime's and PyTorch's
-#: convolutions, and so moves a box. Random MCARs often have such values (even exactly tau) on the
-#: shared images; with this seed every profile stays >= 1e-4 away from tau (checked in the test).
-MCAR_SEED, MCAR_TOPN = 1, 3
+#: convolutions, and so moves a box. Random MCARs often have such values (even exactly tau), and
+#: which ones do depends on the machine's convolution arithmetic (threads, vector width); so the
+#: tests search for a seed whose profiles all stay >= MCAR_MARGIN from tau on every input the
+#: tests validate with, on this machine (the precondition for bit-identical boxes).
+MCAR_TOPN, MCAR_MARGIN = 3, 1e-5
+MCAR_BATCHES = (1, 2, 3, 4, 6)
 
 
 def small_model(name: str, **cfg) -> nn.Module:
-    size = MCAR_SIZE if name == "mcar" else SIZE
     if name == "mcar":
-        cfg = {"topn": MCAR_TOPN, **cfg}
-    torch.manual_seed(MCAR_SEED if name == "mcar" else 0)
+        return mcar_clear_of_tau(**cfg)
+    torch.manual_seed(0)
     return calibrated(fastmlr.create_model(name, backbone="mobilenet_v2", num_classes=NUM_CLASSES,
-                                           image_size=size, **cfg))
+                                           image_size=SIZE, **cfg))
+
+
+def mcar_inputs() -> list[torch.Tensor]:
+    """Every input an MCAR test here validates with: the shared images and seed-0 random batches."""
+    images = image_batches(find_images(None), MCAR_SIZE, len(find_images(None)))
+    randoms = [r for b in MCAR_BATCHES for r in random_batches(MCAR_SIZE, b, 2, 0)]
+    return [batch for _, batch in images + randoms]
+
+
+def mcar_clear_of_tau(inputs: list[torch.Tensor] | None = None, backbone: str = "mobilenet_v2", **cfg) -> nn.Module:
+    """The first seeded (1, 2, ...), calibrated MCAR whose profiles stay ``MCAR_MARGIN`` clear of tau
+    on ``inputs`` (default :func:`mcar_inputs`)."""
+    inputs = mcar_inputs() if inputs is None else inputs
+    seeds = range(1, 40)
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = calibrated(fastmlr.create_model("mcar", backbone=backbone, num_classes=NUM_CLASSES,
+                                                image_size=MCAR_SIZE, **{"topn": MCAR_TOPN, **cfg}))
+        if min(tau_margin(model, batch) for batch in inputs) > MCAR_MARGIN:
+            return model
+    raise AssertionError(f"no seed in {seeds} gives an MCAR clear of tau by {MCAR_MARGIN} on the test inputs")
 
 
 def tau_margin(model: nn.Module, images: torch.Tensor) -> float:
@@ -147,7 +172,7 @@ def test_mcar_onnx_boxes_equal_pytorch_on_shared_images(mcar_all_images, shared_
     model, path = mcar_all_images
     (_, images), = image_batches(shared_images, MCAR_SIZE, len(shared_images))  # every image in one batch
     expected, actual = run_torch(model, images), run_onnx(path, images)
-    assert tau_margin(model, images) > 1e-4  # the precondition for bit-identical boxes (see MCAR_SEED)
+    assert tau_margin(model, images) > MCAR_MARGIN  # the precondition for bit-identical boxes
     probs, boxes, indices = actual
     assert boxes.shape == (len(shared_images), MCAR_TOPN, 4) and boxes.dtype == np.int64
     np.testing.assert_array_equal(boxes, expected[1])
@@ -156,12 +181,29 @@ def test_mcar_onnx_boxes_equal_pytorch_on_shared_images(mcar_all_images, shared_
     assert len({tuple(b.ravel()) for b in boxes}) > 1  # the images do not all give the default boxes
 
 
+def test_mcar_dynamic_batch_matches_pytorch_at_other_batches(tmp_path, shared_images) -> None:
+    """Traced at batch 2 with a dynamic batch axis, the graph runs at batch 1 and 3 and gives PyTorch's
+    boxes, indices and probabilities: no constant in it depends on the traced batch."""
+    model = small_model("mcar")
+    path = to_onnx(model, tmp_path / "mcar_dynamic.onnx", image_size=MCAR_SIZE, batch=2, dynamic_batch=True,
+                   images=shared_images[:2], num_random=1)
+    assert onnx.load(os.fspath(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    check_tensorrt_ops(path)
+    (_, images), = image_batches(shared_images[:4], MCAR_SIZE, 4)
+    assert tau_margin(model, images) > MCAR_MARGIN  # the precondition for bit-identical boxes
+    for batch in (images[:1], images[1:4]):
+        expected, actual = run_torch(model, batch), run_onnx(path, batch)
+        assert actual[1].shape == (len(batch), MCAR_TOPN, 4)
+        np.testing.assert_allclose(actual[0], expected[0], atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(actual[1], expected[1])
+        np.testing.assert_array_equal(actual[2], expected[2])
+    assert len({tuple(b.ravel()) for b in run_onnx(path, images)[1]}) > 1  # not all default boxes
+
+
 def test_mcar_resnet50_exports(tmp_path, shared_images) -> None:
-    torch.manual_seed(0)
-    model = calibrated(fastmlr.create_model("mcar", backbone="resnet50", num_classes=NUM_CLASSES,
-                                            image_size=MCAR_SIZE, topn=2))
     (_, images), = image_batches(shared_images[:2], MCAR_SIZE, 2)
-    assert tau_margin(model, images) > 1e-4
+    (_, noise), = random_batches(MCAR_SIZE, 2, 1, 0)
+    model = mcar_clear_of_tau([images, noise], backbone="resnet50", topn=2)
     path = to_onnx(model, tmp_path / "mcar_r50.onnx", image_size=MCAR_SIZE, batch=2, images=shared_images[:2],
                    num_random=1)
     check_tensorrt_ops(path)

@@ -1,12 +1,10 @@
-"""interval_search (docs/mcar-localization.md §2–§3) against a plain-Python oracle written from the doc,
+"""interval_search (docs/mcar-localization.md §2–§3) against the released-way loop of :mod:`fastmlr.testing`,
 for the torch reference and the Triton kernel (run by Triton's CPU interpreter here)."""
 
 import importlib
 import logging
-import math
 
 import fastmlr.kernels._dispatch as dispatch
-import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
@@ -14,52 +12,17 @@ from fastmlr.kernels import interval_search, use_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastmlr.testing import interval_search_loop, normalise_profile
+
 BACKENDS = ["torch", "triton"]
 
 
-def oracle_normalize(profile: np.ndarray) -> np.ndarray:
-    """Doc §2, in the profile's own numpy dtype (float32 or float64)."""
-    s_max, s_min = profile.max(), profile.min()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if s_max == s_min:
-            return profile / s_max
-        return (profile - s_min) / (s_max - s_min)
-
-
-def oracle_search(s: np.ndarray, tau: float) -> tuple[int, int]:
-    """Doc §3, literally: a loop over the candidate segments in examination order."""
-    length = len(s)
-    minsize = math.ceil(length * 0.125)
-    sg = np.sign(s - s.dtype.type(tau))
-    crossings = [i for i in range(length - 1) if abs(sg[i + 1] - sg[i]) == 2]
-    if not crossings:
-        return math.ceil(length * 0.125), math.ceil(length * 0.875)
-    candidates = []
-    if crossings[0] > 0:
-        candidates.append((0, crossings[0]))
-    candidates.append((crossings[-1], length))
-    candidates += [(crossings[i], crossings[i + 1]) for i in range(len(crossings) - 1)]
-    peak, width, lo, hi = 0.0, 0, 0, 0
-    for start, end in candidates:
-        peak_c, width_c = float(s[start:end].max()), end - start
-        if peak_c > peak or (peak_c == peak and width_c > width):
-            peak, width, lo, hi = peak_c, width_c, start, end
-    if hi - lo <= minsize:
-        pad = minsize - (hi - lo)
-        half = math.ceil(pad / 2)
-        if lo > half and length - hi > pad:
-            lo, hi = lo - half + 1, hi + half
-        if lo < half:
-            lo, hi = 0, minsize
-        if length - hi < half:
-            lo, hi = length - minsize + 1, length
-    return lo, hi
-
-
 def oracle(profiles: torch.Tensor, tau: float) -> torch.Tensor:
-    dtype = np.float64 if profiles.dtype == torch.float64 else np.float32
-    rows = profiles.double().reshape(-1, profiles.shape[-1]).numpy().astype(dtype)  # fp16/bf16 exact
-    out = [oracle_search(oracle_normalize(row), tau) for row in rows]
+    """Row by row, the released way (:mod:`fastmlr.testing`), normalised in float32 (float64 for
+    float64 profiles; fp16/bf16 convert exactly)."""
+    dtype = torch.float64 if profiles.dtype == torch.float64 else torch.float32
+    rows = profiles.to(dtype).reshape(-1, profiles.shape[-1])
+    out = [interval_search_loop(normalise_profile(row), tau) for row in rows]
     return torch.tensor(out, dtype=torch.long).reshape(*profiles.shape[:-1], 2)
 
 
@@ -145,6 +108,27 @@ def test_dtypes_and_leading_shapes(backend: str, dtype: torch.dtype) -> None:
     assert empty.shape == (0, 4, 2)
     one = interval_search(profiles[0, 0], backend=backend)
     assert one.shape == (2,)
+
+
+def test_onnx_export_keeps_leading_axes_dynamic(tmp_path) -> None:
+    """The torch reference traced at [2, 3, L] with dynamic leading axes runs in ONNX Runtime at other
+    leading shapes and gives the oracle's intervals: no constant in the graph depends on them."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Search(torch.nn.Module):
+        def forward(self, profiles):
+            return interval_search(profiles, 0.5, backend="torch")
+
+    generator = torch.Generator().manual_seed(3)
+    path = tmp_path / "search.onnx"
+    torch.onnx.export(Search(), (torch.rand(2, 3, 12),), str(path), opset_version=17, dynamo=False,
+                      input_names=["profiles"], output_names=["intervals"],
+                      dynamic_axes={"profiles": {0: "a", 1: "b"}, "intervals": {0: "a", 1: "b"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 5, 12), (4, 2, 12)]:
+        profiles = torch.randint(0, 4, shape, generator=generator).float()  # dense in ties and exact-tau values
+        got = torch.from_numpy(session.run(None, {"profiles": profiles.numpy()})[0])
+        torch.testing.assert_close(got, oracle(profiles, 0.5), rtol=0, atol=0)
 
 
 def test_float64_is_searched_in_float64() -> None:

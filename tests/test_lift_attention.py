@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 from fastmlr.kernels import lift_attention_pool, lift_attention_pool_reference
+from test_category_attention import onnx_replay
 
 # (B, L's batch, C, HW, D, hidden, biases)
 CASES = [
@@ -98,3 +99,14 @@ def test_lift_attention_pool_rejects_bad_shapes():
 def test_cuda_kernel_matches_reference():
     inputs = tuple(None if x is None else x.cuda() for x in lift_inputs(4, 1, 80, 196, 2048, 20, True))
     assert_close_rel(lift_attention_pool(*inputs, backend="triton"), lift_attention_pool_reference(*inputs))
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_op_follows_its_inputs_at_any_batch(backend):
+    """Exported to ONNX at batch 2, the op runs in ONNX Runtime on new inputs at batch 3 like the
+    reference: while tracing it runs the plain torch path, whatever the backend."""
+    L, F, *mlp = lift_inputs(2, 2, 5, 9, 64, 2, True)
+    L3, F3 = lift_inputs(3, 3, 5, 9, 64, 2, True)[:2]
+    pooled = onnx_replay(lambda L, F: lift_attention_pool(L, F, *mlp, backend=backend), [L, F], [L3, F3])
+    assert_close_rel(pooled, lift_attention_pool_reference(L3, F3, *mlp))

@@ -2,6 +2,7 @@
 upsamples ALL class maps with F.interpolate, and Triton (CPU interpreter) against torch."""
 
 import logging
+import warnings
 
 import fastmlr.kernels._dispatch as dispatch
 import pytest
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 from fastmlr.kernels import localize_regions, use_backend
 from fastmlr.kernels.localize import axis_sampling, max_marginals, selected_maps
-from test_interval_search import oracle_normalize, oracle_search
+
+from fastmlr.testing import interval_search_loop, normalise_profile
 
 # (h, w, H, W): square and non-square maps, upsampling by integer and non-integer factors.
 SHAPES = [(14, 14, 64, 64), (7, 5, 33, 48), (3, 9, 20, 71), (1, 4, 16, 12)]
@@ -24,9 +26,9 @@ def oracle_boxes(cam_logits: torch.Tensor, indices: torch.Tensor, height: int, w
     for b in range(indices.shape[0]):
         row = []
         for c in indices[b].tolist():
-            cam = upsampled[b, c].numpy()
-            x1, x2 = oracle_search(oracle_normalize(cam.max(axis=0)), 0.5)
-            y1, y2 = oracle_search(oracle_normalize(cam.max(axis=1)), 0.5)
+            cam = upsampled[b, c]
+            x1, x2 = interval_search_loop(normalise_profile(cam.amax(dim=0)), 0.5)
+            y1, y2 = interval_search_loop(normalise_profile(cam.amax(dim=1)), 0.5)
             row.append([x1, y1, x2, y2])
         boxes.append(row)
     return torch.tensor(boxes, dtype=torch.long)
@@ -122,6 +124,7 @@ def test_shapes_dtypes_and_duplicates(backend: str) -> None:
         (torch.randn(2, 5, 6, 6), torch.full((2, 1), -1), 32, 0.5, r"\[0, 5\)"),
         (torch.randn(2, 5, 6, 6), torch.zeros(2, 1, dtype=torch.long), 1, 0.5, "image_size"),
         (torch.randn(2, 5, 6, 6), torch.zeros(2, 1, dtype=torch.long), (32, 32, 3), 0.5, "image_size"),
+        (torch.randn(2, 5, 6, 6), torch.zeros(2, 1, dtype=torch.long), torch.tensor(32), 0.5, "image_size"),
         (torch.randn(2, 5, 6, 6), torch.zeros(2, 1, dtype=torch.long), 32, 1.5, "threshold"),
     ],
 )
@@ -152,22 +155,33 @@ def test_cuda_triton_matches_torch() -> None:
 
 
 def test_torch_references_export_to_onnx(tmp_path) -> None:
-    """localize_regions → crop_resize (torch references) trace at opset 17 and ONNX Runtime gives the
-    same boxes and crops."""
+    """localize_regions → crop_resize (torch references, image size read from the traced input's shape
+    as MCAR does) trace at opset 17 with a dynamic batch axis; traced at batch 2, ONNX Runtime gives
+    the same boxes and crops at batch 1 and 3."""
     ort = pytest.importorskip("onnxruntime")
     from fastmlr.kernels import crop_resize
 
     class GlobalToLocal(torch.nn.Module):
         def forward(self, cam_logits, indices, images):
-            boxes = localize_regions(cam_logits, indices, (48, 40), backend="torch")
+            size = tuple(images.shape[-2:])  # 0-dim tensors while tracing
+            boxes = localize_regions(cam_logits, indices, size, backend="torch")
             return boxes, crop_resize(images, boxes, (16, 24), mean=0.5, std=0.25, backend="torch")
 
-    cam_logits, indices = random_case(7, 5)
-    args = (cam_logits, indices, torch.rand(2, 3, 48, 40))
+    def case(batch: int) -> tuple[torch.Tensor, ...]:
+        cam_logits, indices = random_case(7, 5, batch=batch)
+        return cam_logits, indices, torch.rand(batch, 3, 48, 40)
+
     path = tmp_path / "g2l.onnx"
-    torch.onnx.export(GlobalToLocal(), args, str(path), opset_version=17, dynamo=False)
+    names = ["cam_logits", "indices", "images", "boxes", "crops"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on the shape-derived sizes (fixed in the graph)
+        torch.onnx.export(GlobalToLocal(), case(2), str(path), opset_version=17, dynamo=False,
+                          input_names=names[:3], output_names=names[3:],
+                          dynamic_axes={name: {0: "batch"} for name in names})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    boxes, crops = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
-    expected_boxes, expected_crops = GlobalToLocal()(*args)
-    torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, rtol=0, atol=0)
-    torch.testing.assert_close(torch.from_numpy(crops), expected_crops, rtol=0, atol=1e-6)
+    for batch in (1, 3):
+        args = case(batch)
+        boxes, crops = session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=False)})
+        expected_boxes, expected_crops = GlobalToLocal()(*args)
+        torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, rtol=0, atol=0)
+        torch.testing.assert_close(torch.from_numpy(crops), expected_crops, rtol=0, atol=1e-6)

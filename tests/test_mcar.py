@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import calibrate_batchnorm
-from oracles import released_global_to_local
 from torch import nn
 
 import fastmlr
 from fastmlr.checkpoint import save_checkpoint
 from fastmlr.models.mcar import mcar_loss
+from fastmlr.testing import calibrate_batchnorm, released_global_to_local
 
 
 def small_mcar(**cfg) -> nn.Module:

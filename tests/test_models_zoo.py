@@ -2,7 +2,8 @@
 
 Most checks use MobileNetV2 at 64×64 with 4 classes (CPU budget). A randomly initialised backbone
 in eval mode has BatchNorm running statistics (0, 1) that shrink its output to ~1e-9, which would
-make every comparison trivially pass; :func:`calibrate` first sets them to one batch's statistics.
+make every comparison trivially pass; :func:`fastmlr.testing.calibrate_batchnorm` first sets them to one
+batch's statistics.
 """
 
 import pytest
@@ -15,6 +16,7 @@ from fastmlr.graph import cooccurrence_adjacency
 from fastmlr.losses import multilabel_bce
 from fastmlr.models.lce import kept_token_indices, lce_loss, sine_position_encoding
 from fastmlr.models.srdl import box_masks, erasing_boxes, object_erasing, srdl_loss
+from fastmlr.testing import calibrate_batchnorm
 
 C = 4
 SIZE = 64
@@ -39,25 +41,11 @@ def graph_options(name: str) -> dict:
     return {"adjacency": ADJACENCY} if name in ("deeplift", "mlgcn", "ssgrl") else {}
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batch: torch.Tensor) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``batch`` (one cumulative pass)."""
-    norms = [m for m in model.features.modules() if isinstance(m, nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.features.train()
-    model.features(batch)
-    for norm in norms:
-        norm.momentum = 0.1
-    return model.eval()
-
-
 def build(name: str, cfg: dict, backbone: str = "mobilenet_v2", size: int = SIZE) -> nn.Module:
     torch.manual_seed(0)
     options = {**cfg, **graph_options(name)}
     model = create_model(name, backbone=backbone, num_classes=C, image_size=size, **options)
-    return calibrate(model, images(4, size, seed=1))
+    return calibrate_batchnorm(model, images(4, size, seed=1))
 
 
 @pytest.mark.parametrize("name, cfg", ZOO, ids=IDS)
