@@ -5,11 +5,10 @@ B ∈ {1, 8, 32}. Groups:
 
 - ``step``: boxes and the B×N resized local inputs — (a) ``released``: the released code's loop
   (:mod:`fastmlr.testing`: all C maps upsampled, Python interval search, one ``F.interpolate`` per
-  region); (b) ``torch``: ``localize_regions`` + ``crop_resize`` torch references; (c) ``triton``:
-  their Triton kernels (CUDA only; skipped otherwise); (d) ``torch+loop``: the torch localization with
-  the released per-region ``F.interpolate`` crops (on CPU that loop of fused C++ kernels is faster
-  than the vectorised gather-based ``crop_resize`` reference, which exists for ONNX export and as the
-  Triton kernel's oracle).
+  region); (b) ``torch``: ``localize_regions`` + ``crop_resize`` forced to their vectorised torch
+  references (the ONNX-exportable forms); (c) ``auto``: what MCAR runs — on CPU the vectorised
+  localization and ``crop_resize``'s per-region path (one ATen bilinear call per region, faster on
+  CPU than any vectorised gather); (d) ``triton``: the Triton kernels (CUDA only; skipped otherwise).
 - ``localize``: the boxes alone, same three implementations.
 - ``crop``: resizing B×N given boxes to 448×448 — ``crop_resize`` (torch / triton) vs
   ``loop`` (one ``F.interpolate(align_corners=True)`` per box: identical values), ``roi_align`` and
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 import torchvision
 from _env import capture_environment, describe_machine
 from fastmlr.kernels import crop_resize, localize_regions
+from fastmlr.kernels.crop_resize import crop_resize_per_region
 
 from fastmlr.testing import released_global_to_local, released_localize
 
@@ -91,9 +91,6 @@ def fixed_boxes(batch: int, device: str = "cpu") -> torch.Tensor:
 def step(x: dict[str, torch.Tensor], impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     if impl == "released":
         return released_global_to_local(x["images"], x["cam_logits"], x["global_scores"], TOP_N)
-    if impl == "torch+loop":  # vectorised localization, the released per-region F.interpolate crops
-        boxes = localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend="torch")
-        return boxes, crop_loop(x["images"], boxes)
     boxes = localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend=impl)
     return boxes, crop_resize(x["images"], boxes, SIZE, backend=impl)
 
@@ -102,14 +99,6 @@ def localize(x: dict[str, torch.Tensor], impl: str) -> torch.Tensor:
     if impl == "released":
         return released_localize(x["cam_logits"], x["global_scores"], (SIZE, SIZE), TOP_N)
     return localize_regions(x["cam_logits"], top_indices(x["global_scores"]), SIZE, backend=impl)
-
-
-def crop_loop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    out = images.new_empty(*boxes.shape[:2], images.shape[1], SIZE, SIZE)
-    for b in range(boxes.shape[0]):
-        for n, (x1, y1, x2, y2) in enumerate(boxes[b].tolist()):
-            out[b, n] = F.interpolate(images[b : b + 1, :, y1:y2, x1:x2], SIZE, mode="bilinear", align_corners=True)[0]
-    return out
 
 
 def crop_roi_align(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -138,12 +127,12 @@ def crop_grid_sample(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 CROPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "torch": lambda images, boxes: crop_resize(images, boxes, SIZE, backend="torch"),
     "triton": lambda images, boxes: crop_resize(images, boxes, SIZE, backend="triton"),
-    "loop": crop_loop,
+    "loop": lambda images, boxes: crop_resize_per_region(images, boxes, SIZE),
     "roi_align": crop_roi_align,
     "grid_sample": crop_grid_sample,
 }
 GROUPS = {
-    "step": ("released", "torch", "torch+loop", "triton"),
+    "step": ("released", "torch", "auto", "triton"),
     "localize": ("released", "torch", "triton"),
     "crop": tuple(CROPS),
 }
@@ -223,7 +212,7 @@ def speedups(results: list[dict]) -> list[dict]:
             continue
         ratio = by_key[(group, baseline, batch)] / ms
         target = TARGETS.get((group, batch), TARGETS.get((group, None)))
-        if impl not in ("torch", "torch+loop", "triton"):
+        if impl not in ("torch", "auto", "triton"):
             target = None
         rows.append(
             {

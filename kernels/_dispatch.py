@@ -56,6 +56,11 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+def forced_backend() -> str | None:
+    """The backend :func:`use_backend` forces here, or ``None`` outside such a block."""
+    return _forced.get()
+
+
 def _triton_can_run(tensors: tuple[torch.Tensor, ...]) -> str | None:
     """``None`` when Triton can run on ``tensors``, else the reason it cannot."""
     if not triton_available():

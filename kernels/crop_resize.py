@@ -7,13 +7,17 @@ align_corners=True)`` per box (to 1 ulp, see below): output row ``i`` samples so
 columns. Optionally it normalises per channel, ``(x - mean[c]) / std[c]``, applied to the resized
 value, and casts to ``out_dtype``; all arithmetic is in float32 (float64 for float64 images).
 
-- Torch reference: index gathers and weights (no ``grid_sample``, whose normalised coordinates lose
-  ~1e-5), separable — columns first, then rows — with the arithmetic of torch's bilinear CPU kernel:
-  each two-term sum ``p·wp + q·wq`` is ``fma(p, wp, q·wq)`` (see :func:`blend`), so for float32
-  images and output sides ≥ 96 the crops equal per-crop ``F.interpolate`` bit for bit when torch
-  runs its kernel on several threads (with one thread, or smaller outputs, torch rounds otherwise:
-  ≤ 1 ulp apart). Vectorised over images, boxes and channels;
-  traceable by ``torch.onnx.export`` (the exported graph uses plain float32 products: ≤ 1 ulp).
+- Torch reference (``backend="torch"``): index gathers and weights (no ``grid_sample``, whose
+  normalised coordinates lose ~1e-5), separable — columns first, then rows — with the arithmetic of
+  torch's bilinear kernel, unfused: ``out = h0λ (w0λ a + w1λ b) + h1λ (w0λ c + w1λ d)``. Vectorised
+  over images, boxes and channels; traceable by ``torch.onnx.export``. torch's own CPU kernel fuses
+  some of these products and sums into FMAs (which ones depends on sizes, layout and even the
+  thread count), so per-crop ``F.interpolate`` agrees with this to 1 ulp (≤ 1.2e-7 on [0, 1]
+  images), not bit for bit.
+- Per region (``backend="auto"`` on CPU, eager): one ``F.interpolate`` per region into the output
+  batch — the released code's own arithmetic, so bit-identical crops, and torch's C++ kernel is
+  about 10× faster on CPU than the vectorised gathers (``bench/results/g2l_cpu.md``). Export traces
+  take the vectorised reference instead.
 - Triton: one kernel writes all B×N regions; a program handles one box and a tile of output pixels
   for every channel, with the per-box scales computed once on the host (exact float32 division).
 """
@@ -23,8 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ._dispatch import interpreter_enabled, resolve_backend
+from ._dispatch import forced_backend, interpreter_enabled, resolve_backend
 from .interval_search import is_exporting, traced_size
 
 try:
@@ -33,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["crop_resize", "crop_resize_torch"]
+__all__ = ["crop_resize", "crop_resize_per_region", "crop_resize_torch"]
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,19 +119,6 @@ def _source_coordinates(
     return first, first + step, 1 - lambda1, lambda1
 
 
-def blend(p: torch.Tensor, wp: torch.Tensor, q: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """``p·wp + q·wq`` rounded as torch's bilinear CPU kernel rounds it: ``fma(p, wp, q·wq)``.
-
-    For float32 the fused multiply-add is emulated exactly in float64 (the product of two float32
-    values is exact in float64; the sum is rounded once more, to float32). While an exporter traces,
-    and for other dtypes, it is the plain expression (TensorRT has no float64; ≤ 1 ulp apart).
-    ``p`` and ``q`` are fresh temporaries and may be overwritten.
-    """
-    if p.dtype == torch.float32 and not is_exporting():
-        return p.double().mul_(wp).add_(q.mul_(wq).double()).float()
-    return p.mul_(wp).add_(q.mul_(wq))
-
-
 def crop_resize_torch(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -152,19 +144,49 @@ def crop_resize_torch(
         return source.gather(4, index[:, :, None, None, :].expand(batch, n_boxes, channels, source.shape[3], out_w))
 
     # Width pass on every source row, then the height pass on the two rows each output row needs:
-    # rows = w0λ a + w1λ b, out = h0λ rows[y0] + h1λ rows[y1], each sum rounded as torch rounds it.
-    rows = blend(columns(x0), w0l[:, :, None, None, :], columns(x1), w1l[:, :, None, None, :])
+    # rows = w0λ a + w1λ b, out = h0λ rows[y0] + h1λ rows[y1] (in-place on fresh gathers: no temporaries).
+    rows = columns(x0).mul_(w0l[:, :, None, None, :]).add_(columns(x1).mul_(w1l[:, :, None, None, :]))
 
     def pick_rows(index: torch.Tensor) -> torch.Tensor:  # [B, N, Ch, sh, sw]
         return rows.gather(3, index[:, :, None, :, None].expand(batch, n_boxes, channels, out_h, out_w))
 
-    out = blend(pick_rows(y0), h0l[:, :, None, :, None], pick_rows(y1), h1l[:, :, None, :, None])
+    out = pick_rows(y0).mul_(h0l[:, :, None, :, None]).add_(pick_rows(y1).mul_(h1l[:, :, None, :, None]))
     mean_c = _channel_vector(mean, "mean", channels, dtype, images.device)
     std_c = _channel_vector(std, "std", channels, dtype, images.device)
     if mean_c is not None:
         out = out - mean_c[:, None, None]
     if std_c is not None:
         out = out / std_c[:, None, None]
+    return out.to(out_dtype)
+
+
+def crop_resize_per_region(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int | tuple[int, int],
+    *,
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`crop_resize` as the released code computes it: one ``F.interpolate`` (bilinear,
+    ``align_corners=True``) per region, written into the output batch (no box checks). The fastest
+    CPU path; not traceable (the crop bounds are read as Python ints)."""
+    out_h, out_w = output_hw(size)
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    out_dtype = out_dtype or (images.dtype if images.is_floating_point() else torch.float32)
+    source = images.to(dtype)
+    out = source.new_empty(boxes.shape[0], boxes.shape[1], images.shape[1], out_h, out_w)
+    for b, image_boxes in enumerate(boxes.tolist()):
+        for n, (x1, y1, x2, y2) in enumerate(image_boxes):
+            crop = source[b : b + 1, :, y1:y2, x1:x2]
+            out[b, n] = F.interpolate(crop, (out_h, out_w), mode="bilinear", align_corners=True)[0]
+    mean_c = _channel_vector(mean, "mean", images.shape[1], dtype, images.device)
+    std_c = _channel_vector(std, "std", images.shape[1], dtype, images.device)
+    if mean_c is not None:
+        out = out.sub_(mean_c[:, None, None])
+    if std_c is not None:
+        out = out.div_(std_c[:, None, None])
     return out.to(out_dtype)
 
 
@@ -303,6 +325,10 @@ def crop_resize(
     None; a scalar applies to every channel); then cast to ``out_dtype`` (default: the images' dtype,
     float32 for uint8).
 
+    ``backend``: ``"auto"`` runs the Triton kernel on CUDA tensors and, on CPU, one torch
+    ``F.interpolate`` per region (:func:`crop_resize_per_region`, the fastest CPU path, vectorised
+    reference while exporting); ``"torch"`` the vectorised reference; ``"triton"`` the kernel.
+
     Raises ``ValueError`` for bad shapes/dtypes, boxes outside the image or empty, a non-positive
     ``size``, or ``mean``/``std`` of the wrong length."""
     output_hw(size)
@@ -311,4 +337,6 @@ def crop_resize(
         raise ValueError(f"crop_resize: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     if resolve_backend("crop_resize", backend, images, boxes) == "triton":
         return _crop_resize_triton(images, boxes, size, mean=mean, std=std, out_dtype=out_dtype)
+    if backend == "auto" and forced_backend() is None and not is_exporting() and images.device.type == "cpu":
+        return crop_resize_per_region(images, boxes, size, mean=mean, std=std, out_dtype=out_dtype)
     return crop_resize_torch(images, boxes, size, mean=mean, std=std, out_dtype=out_dtype)
