@@ -93,8 +93,10 @@ class MCAR(MLRModel):
         indices = select_top_classes(global_scores.detach(), self.topn)
         size = tuple(images.shape[-2:])
         boxes = kernels.localize_regions(cam_logits.detach(), indices, size, self.threshold)
-        regions = kernels.crop_resize(images, boxes, size)
-        return indices, boxes, regions.flatten(0, 1)
+        regions = kernels.crop_resize(images, boxes, size).flatten(0, 1)
+        if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+            regions = regions.contiguous(memory_format=torch.channels_last)  # keep the caller's NHWC layout
+        return indices, boxes, regions
 
     def local_stream(self, regions: torch.Tensor, batch: int) -> torch.Tensor:
         """``[B·N, 3, H, W] -> [B, C]``: the shared backbone and classifier on every region, sigmoid,
