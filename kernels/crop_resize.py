@@ -119,6 +119,30 @@ def _source_coordinates(
     return first, first + step, 1 - lambda1, lambda1
 
 
+def _dtypes(images: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """Compute dtype (float64 for float64 images, else float32) and output dtype (default: the
+    images' dtype, float32 for uint8)."""
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    return dtype, out_dtype or (images.dtype if images.is_floating_point() else torch.float32)
+
+
+def _normalise_and_cast(
+    out: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor | None,
+    std: Sequence[float] | torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(out - mean[c]) / std[c]`` over the channel axis (-3) when given, then cast to ``out_dtype``."""
+    channels = out.shape[-3]
+    mean_c = _channel_vector(mean, "mean", channels, out.dtype, out.device)
+    std_c = _channel_vector(std, "std", channels, out.dtype, out.device)
+    if mean_c is not None:
+        out = out - mean_c[:, None, None]
+    if std_c is not None:
+        out = out / std_c[:, None, None]
+    return out.to(out_dtype)
+
+
 def crop_resize_torch(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -132,8 +156,7 @@ def crop_resize_torch(
     out_h, out_w = output_hw(size)
     batch, channels = images.shape[:2]
     n_boxes = boxes.shape[1]
-    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    out_dtype = out_dtype or (images.dtype if images.is_floating_point() else torch.float32)
+    dtype, out_dtype = _dtypes(images, out_dtype)
     boxes = boxes.long()
     scales = box_scales(boxes, (out_h, out_w), dtype)
     y0, y1, h0l, h1l = _source_coordinates(boxes[..., 1], boxes[..., 3] - boxes[..., 1], scales[..., 0], out_h)
@@ -151,13 +174,7 @@ def crop_resize_torch(
         return rows.gather(3, index[:, :, None, :, None].expand(batch, n_boxes, channels, out_h, out_w))
 
     out = pick_rows(y0).mul_(h0l[:, :, None, :, None]).add_(pick_rows(y1).mul_(h1l[:, :, None, :, None]))
-    mean_c = _channel_vector(mean, "mean", channels, dtype, images.device)
-    std_c = _channel_vector(std, "std", channels, dtype, images.device)
-    if mean_c is not None:
-        out = out - mean_c[:, None, None]
-    if std_c is not None:
-        out = out / std_c[:, None, None]
-    return out.to(out_dtype)
+    return _normalise_and_cast(out, mean, std, out_dtype)
 
 
 def crop_resize_per_region(
@@ -173,21 +190,14 @@ def crop_resize_per_region(
     ``align_corners=True``) per region, written into the output batch (no box checks). The fastest
     CPU path; not traceable (the crop bounds are read as Python ints)."""
     out_h, out_w = output_hw(size)
-    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    out_dtype = out_dtype or (images.dtype if images.is_floating_point() else torch.float32)
+    dtype, out_dtype = _dtypes(images, out_dtype)
     source = images.to(dtype)
     out = source.new_empty(boxes.shape[0], boxes.shape[1], images.shape[1], out_h, out_w)
     for b, image_boxes in enumerate(boxes.tolist()):
         for n, (x1, y1, x2, y2) in enumerate(image_boxes):
             crop = source[b : b + 1, :, y1:y2, x1:x2]
             out[b, n] = F.interpolate(crop, (out_h, out_w), mode="bilinear", align_corners=True)[0]
-    mean_c = _channel_vector(mean, "mean", images.shape[1], dtype, images.device)
-    std_c = _channel_vector(std, "std", images.shape[1], dtype, images.device)
-    if mean_c is not None:
-        out = out.sub_(mean_c[:, None, None])
-    if std_c is not None:
-        out = out.div_(std_c[:, None, None])
-    return out.to(out_dtype)
+    return _normalise_and_cast(out, mean, std, out_dtype)
 
 
 if triton is not None:
@@ -273,8 +283,7 @@ def _crop_resize_triton(images, boxes, size, *, mean=None, std=None, out_dtype=N
     out_h, out_w = output_hw(size)
     batch, channels = images.shape[:2]
     n_boxes = boxes.shape[1]
-    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    out_dtype = out_dtype or (images.dtype if images.is_floating_point() else torch.float32)
+    dtype, out_dtype = _dtypes(images, out_dtype)
     out = torch.empty(batch, n_boxes, channels, out_h, out_w, dtype=out_dtype, device=images.device)
     if out.numel() == 0:
         return out
