@@ -77,7 +77,7 @@ def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
     """The backend ``op`` runs with: ``"torch"`` or ``"triton"`` (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    backend = _forced.get() or backend
+    backend = forced_backend() or backend
     if backend == "torch":
         return "torch"
     reason = _triton_can_run(tensors)

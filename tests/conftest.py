@@ -27,8 +27,4 @@ def shared_images() -> list[pathlib.Path]:
     return paths
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -31,6 +31,7 @@ from torch import nn
 import fastmlr
 from fastmlr.cli import main as fastmlr_main
 from fastmlr.models.mcar import select_top_classes
+from fastmlr.testing import calibrate_batchnorm
 
 SIZE = 64
 MCAR_SIZE = 96  # 3x3 activation maps: at 2x2 torch's CPU upsampling follows no fixed formula (exact_resize)
@@ -38,20 +39,10 @@ NUM_CLASSES = 10
 
 
 def calibrated(model: nn.Module) -> nn.Module:
-    """Batch-norm statistics measured on random images. With torchvision's initial statistics the
-    random-weight mobilenet saturates its ReLU6s and every output is the same for every input, which
-    would let a wrong graph pass; calibrated, the outputs depend on the input (checked below)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-        norm.train()
+    """:func:`calibrate_batchnorm` on seeded random images in [-1, 1]: the outputs then depend on
+    the input, so a wrong graph cannot pass (checked below)."""
     size = model.image_size
-    with torch.no_grad(), use_backend("torch"):
-        model(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1)
-    for norm in norms:
-        norm.eval()
-    return model.eval()
+    return calibrate_batchnorm(model, torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1)
 
 
 #: MCAR's boxes threshold normalised profiles at tau; a profile value within a few units in the last

@@ -94,7 +94,7 @@ class MCAR(MLRModel):
         size = tuple(images.shape[-2:])
         boxes = kernels.localize_regions(cam_logits.detach(), indices, size, self.threshold)
         regions = kernels.crop_resize(images, boxes, size).flatten(0, 1)
-        if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
             regions = regions.contiguous(memory_format=torch.channels_last)  # keep the caller's NHWC layout
         return indices, boxes, regions
 
