@@ -74,22 +74,28 @@ def released_localize(
     return boxes
 
 
+def released_crop_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The released code's crops: a zeroed ``[B, N, 3, H, W]`` batch, each region resized to the input
+    size by its own ``F.interpolate`` (bilinear, ``align_corners=True``) and copied in."""
+    batch, channels, height, width = images.shape
+    local_inputs = images.new_zeros(batch, boxes.shape[1], channels, height, width)
+    for b in range(batch):
+        for n in range(boxes.shape[1]):
+            x1, y1, x2, y2 = boxes[b, n].tolist()
+            local_inputs[b, n] = F.interpolate(
+                images[b : b + 1, :, y1:y2, x1:x2], size=(height, width), mode="bilinear", align_corners=True
+            )[0]
+    return local_inputs
+
+
 def released_global_to_local(
     images: torch.Tensor, cam_logits: torch.Tensor, global_scores: torch.Tensor, top_n: int,
     threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole step: boxes ``[B, top_n, 4]`` and the local stream's inputs ``[B, top_n, 3, H, W]``
-    (each region resized to the input size by its own ``F.interpolate``)."""
-    batch, channels, height, width = images.shape
-    boxes = released_localize(cam_logits, global_scores, (height, width), top_n, threshold)
-    local_inputs = images.new_zeros(batch, top_n, channels, height, width)
-    for b in range(batch):
-        for n in range(top_n):
-            x1, y1, x2, y2 = boxes[b, n].tolist()
-            local_inputs[b, n] = F.interpolate(
-                images[b : b + 1, :, y1:y2, x1:x2], size=(height, width), mode="bilinear", align_corners=True
-            )[0]
-    return boxes, local_inputs
+    (:func:`released_crop_resize`)."""
+    boxes = released_localize(cam_logits, global_scores, tuple(images.shape[-2:]), top_n, threshold)
+    return boxes, released_crop_resize(images, boxes)
 
 
 @torch.no_grad()

@@ -14,10 +14,14 @@ value, and casts to ``out_dtype``; all arithmetic is in float32 (float64 for flo
   some of these products and sums into FMAs (which ones depends on sizes, layout and even the
   thread count), so per-crop ``F.interpolate`` agrees with this to 1 ulp (≤ 1.2e-7 on [0, 1]
   images), not bit for bit.
-- Per region (``backend="auto"`` on CPU, eager): one ``F.interpolate`` per region into the output
-  batch — the released code's own arithmetic, so bit-identical crops, and torch's C++ kernel is
-  about 10× faster on CPU than the vectorised gathers (``bench/results/g2l_cpu.md``). Export traces
-  take the vectorised reference instead.
+- Per region (``backend="auto"`` on CPU, eager): torch's bilinear kernel (what ``F.interpolate``
+  runs) once per region, writing straight into the output batch — the released code's own
+  arithmetic, so bit-identical crops, and 3–4× faster on CPU than the vectorised gathers
+  (``bench/results/g2l_cpu.md``). Export traces take the vectorised reference instead.
+
+Every backend can write into a caller's tensor (``out=``, e.g. the local stream's preallocated input
+batch). On CPU that matters: a fresh ``[8, 4, 3, 448, 448]`` float32 batch is 77 MB, and the kernel's
+first touch of new pages costs more than the resampling itself (``bench/results/g2l_cpu.md``).
 - Triton: one kernel writes all B×N regions; a program handles one box and a tile of output pixels
   for every channel, with the per-box scales computed once on the host (exact float32 division).
 """
@@ -27,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import forced_backend, interpreter_enabled, resolve_backend
 from .interval_search import is_exporting, traced_size
@@ -126,21 +129,42 @@ def _dtypes(images: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.
     return dtype, out_dtype or (images.dtype if images.is_floating_point() else torch.float32)
 
 
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``out`` is a contiguous tensor of ``shape``, ``dtype`` on ``device``."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"crop_resize: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"crop_resize: out must be a {dtype} tensor of shape {list(shape)} on {device}, "
+            f"got {out.dtype} {list(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("crop_resize: out must be contiguous")
+
+
 def _normalise_and_cast(
     out: torch.Tensor,
     mean: Sequence[float] | torch.Tensor | None,
     std: Sequence[float] | torch.Tensor | None,
     out_dtype: torch.dtype,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """``(out - mean[c]) / std[c]`` over the channel axis (-3) when given, then cast to ``out_dtype``."""
+    """``(out - mean[c]) / std[c]`` over the channel axis (-3) when given, then cast to ``out_dtype``;
+    ``inplace`` overwrites ``out`` (same values)."""
     channels = out.shape[-3]
     mean_c = _channel_vector(mean, "mean", channels, out.dtype, out.device)
     std_c = _channel_vector(std, "std", channels, out.dtype, out.device)
     if mean_c is not None:
-        out = out - mean_c[:, None, None]
+        out = out.sub_(mean_c[:, None, None]) if inplace else out - mean_c[:, None, None]
     if std_c is not None:
-        out = out / std_c[:, None, None]
+        out = out.div_(std_c[:, None, None]) if inplace else out / std_c[:, None, None]
     return out.to(out_dtype)
+
+
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result`` copied into ``out`` (returned), or ``result`` itself when there is no ``out``."""
+    return result if out is None else out.copy_(result)
 
 
 def crop_resize_torch(
@@ -151,8 +175,9 @@ def crop_resize_torch(
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch reference of :func:`crop_resize` (no box checks)."""
+    """Torch reference of :func:`crop_resize` (no box or ``out`` checks)."""
     out_h, out_w = output_hw(size)
     batch, channels = images.shape[:2]
     n_boxes = boxes.shape[1]
@@ -173,8 +198,8 @@ def crop_resize_torch(
     def pick_rows(index: torch.Tensor) -> torch.Tensor:  # [B, N, Ch, sh, sw]
         return rows.gather(3, index[:, :, None, :, None].expand(batch, n_boxes, channels, out_h, out_w))
 
-    out = pick_rows(y0).mul_(h0l[:, :, None, :, None]).add_(pick_rows(y1).mul_(h1l[:, :, None, :, None]))
-    return _normalise_and_cast(out, mean, std, out_dtype)
+    result = pick_rows(y0).mul_(h0l[:, :, None, :, None]).add_(pick_rows(y1).mul_(h1l[:, :, None, :, None]))
+    return _into(_normalise_and_cast(result, mean, std, out_dtype, inplace=True), out)
 
 
 def crop_resize_per_region(
@@ -185,19 +210,24 @@ def crop_resize_per_region(
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`crop_resize` as the released code computes it: one ``F.interpolate`` (bilinear,
-    ``align_corners=True``) per region, written into the output batch (no box checks). The fastest
-    CPU path; not traceable (the crop bounds are read as Python ints)."""
+    """:func:`crop_resize` as the released code computes it: torch's bilinear kernel
+    (``F.interpolate(crop, size, mode="bilinear", align_corners=True)``) once per region, written
+    straight into the output batch (no box or ``out`` checks). The fastest CPU path; not traceable
+    (the crop bounds are read as Python ints)."""
     out_h, out_w = output_hw(size)
     dtype, out_dtype = _dtypes(images, out_dtype)
     source = images.to(dtype)
-    out = source.new_empty(boxes.shape[0], boxes.shape[1], images.shape[1], out_h, out_w)
+    shape = (boxes.shape[0], boxes.shape[1], images.shape[1], out_h, out_w)
+    # Resample into ``out`` itself when it holds the compute dtype, else into a compute-dtype batch.
+    target = out if out is not None and out.dtype == dtype else source.new_empty(shape)
     for b, image_boxes in enumerate(boxes.tolist()):
         for n, (x1, y1, x2, y2) in enumerate(image_boxes):
             crop = source[b : b + 1, :, y1:y2, x1:x2]
-            out[b, n] = F.interpolate(crop, (out_h, out_w), mode="bilinear", align_corners=True)[0]
-    return _normalise_and_cast(out, mean, std, out_dtype)
+            torch.ops.aten.upsample_bilinear2d.out(crop, [out_h, out_w], True, None, None, out=target[b, n : n + 1])
+    result = _normalise_and_cast(target, mean, std, out_dtype, inplace=True)
+    return result if result is out else _into(result, out)
 
 
 if triton is not None:
@@ -279,12 +309,13 @@ if triton is not None:
             tl.store(out + c * out_h * out_w, value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _crop_resize_triton(images, boxes, size, *, mean=None, std=None, out_dtype=None) -> torch.Tensor:
+def _crop_resize_triton(images, boxes, size, *, mean=None, std=None, out_dtype=None, out=None) -> torch.Tensor:
     out_h, out_w = output_hw(size)
     batch, channels = images.shape[:2]
     n_boxes = boxes.shape[1]
     dtype, out_dtype = _dtypes(images, out_dtype)
-    out = torch.empty(batch, n_boxes, channels, out_h, out_w, dtype=out_dtype, device=images.device)
+    if out is None:
+        out = torch.empty(batch, n_boxes, channels, out_h, out_w, dtype=out_dtype, device=images.device)
     if out.numel() == 0:
         return out
     boxes = boxes.long().contiguous()
@@ -323,6 +354,7 @@ def crop_resize(
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Resize each box of each image to ``size`` (doc §4) → ``[B, N, Ch, sh, sw]``.
@@ -334,18 +366,29 @@ def crop_resize(
     None; a scalar applies to every channel); then cast to ``out_dtype`` (default: the images' dtype,
     float32 for uint8).
 
+    ``out``: a contiguous ``[B, N, Ch, sh, sw]`` tensor of the output dtype on the images' device to
+    write into and return (e.g. the local stream's preallocated input batch); its dtype is the
+    output dtype when ``out_dtype`` is None.
+
     ``backend``: ``"auto"`` runs the Triton kernel on CUDA tensors and, on CPU, one torch
     ``F.interpolate`` per region (:func:`crop_resize_per_region`, the fastest CPU path, vectorised
     reference while exporting); ``"torch"`` the vectorised reference; ``"triton"`` the kernel.
 
     Raises ``ValueError`` for bad shapes/dtypes, boxes outside the image or empty, a non-positive
-    ``size``, or ``mean``/``std`` of the wrong length."""
-    output_hw(size)
+    ``size``, ``mean``/``std`` of the wrong length, or an ``out`` of the wrong shape, dtype, device or
+    layout."""
+    out_h, out_w = output_hw(size)
     check_crop_inputs(images, boxes)
+    if out is not None and out_dtype is None and isinstance(out, torch.Tensor):
+        out_dtype = out.dtype
     if out_dtype is not None and out_dtype not in OUT_DTYPES:
         raise ValueError(f"crop_resize: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    if out is not None:
+        shape = (*boxes.shape[:2], images.shape[1], out_h, out_w)
+        check_out(out, shape, _dtypes(images, out_dtype)[1], images.device)
+    kwargs = {"mean": mean, "std": std, "out_dtype": out_dtype, "out": out}
     if resolve_backend("crop_resize", backend, images, boxes) == "triton":
-        return _crop_resize_triton(images, boxes, size, mean=mean, std=std, out_dtype=out_dtype)
+        return _crop_resize_triton(images, boxes, size, **kwargs)
     if backend == "auto" and forced_backend() is None and not is_exporting() and images.device.type == "cpu":
-        return crop_resize_per_region(images, boxes, size, mean=mean, std=std, out_dtype=out_dtype)
-    return crop_resize_torch(images, boxes, size, mean=mean, std=std, out_dtype=out_dtype)
+        return crop_resize_per_region(images, boxes, size, **kwargs)
+    return crop_resize_torch(images, boxes, size, **kwargs)

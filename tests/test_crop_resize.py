@@ -128,6 +128,39 @@ def test_input_dtypes_and_layouts(backend: str) -> None:
     assert crop_resize(images, boxes[:, :0], 8, backend=backend).shape == (1, 0, 3, 8, 8)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_writes_into_out(backend: str, out_dtype: torch.dtype) -> None:
+    """``out=`` is filled with exactly what the call returns without it (stale contents overwritten),
+    and returned; its dtype is the output dtype."""
+    images = torch.rand(2, 3, 40, 50)
+    boxes = torch.cat([EDGE_BOXES[:, :3], random_boxes(2, 3, 40, 50)], 1)
+    kwargs = {"mean": [0.485, 0.456, 0.406], "std": 0.25, "backend": backend}
+    expected = crop_resize(images, boxes, (24, 17), out_dtype=out_dtype, **kwargs)
+    out = torch.full((2, 6, 3, 24, 17), float("nan"), dtype=out_dtype)
+    got = crop_resize(images, boxes, (24, 17), out=out, **kwargs)
+    assert got is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    plain = crop_resize(images, boxes, (24, 17), backend=backend)
+    assert crop_resize(images, boxes, (24, 17), out=torch.empty_like(plain), backend=backend).equal(plain)
+
+
+@pytest.mark.parametrize(
+    ("out", "kwargs", "message"),
+    [
+        (torch.empty(1, 2, 3, 8, 9), {}, r"shape \[1, 2, 3, 8, 8\]"),
+        (torch.empty(1, 2, 3, 8, 8, dtype=torch.float16), {"out_dtype": torch.float32}, "float32 tensor"),
+        (torch.empty(1, 2, 3, 8, 8, dtype=torch.int32), {}, "out_dtype"),
+        (torch.empty(1, 2, 8, 8, 3).permute(0, 1, 4, 2, 3), {}, "contiguous"),
+        (torch.empty(1, 2, 3, 8, 8).tolist(), {}, "torch.Tensor"),
+    ],
+)
+def test_bad_out(out: object, kwargs: dict, message: str) -> None:
+    images, boxes = torch.rand(1, 3, 40, 50), random_boxes(1, 2, 40, 50)
+    with pytest.raises(ValueError, match=message):
+        crop_resize(images, boxes, 8, out=out, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("boxes", "kwargs", "message"),
     [
