@@ -33,8 +33,20 @@ PACKAGES: dict[str, tuple[str, ...]] = {
 }
 
 
-# Environment variables that change what a benchmark measures.
-RELEVANT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+# Environment variables that change what a benchmark measures; the last four set the CPU allocator
+# (glibc's tunables, or a preloaded jemalloc/tcmalloc), which decides how often fresh memory is
+# page-faulted in (see ``describe_allocator``).
+RELEVANT_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TRITON_INTERPRET",
+    "CUDA_VISIBLE_DEVICES",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+)
+ALLOCATOR_VARIABLES = RELEVANT_VARIABLES[4:]
 
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
@@ -99,6 +111,16 @@ def capture_environment() -> dict:
         "git_commit": git_commit(),
         "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def describe_allocator(env: dict) -> str:
+    """The CPU allocator settings of ``env``: "glibc malloc, default settings" or the variables set.
+
+    With its defaults glibc hands freed memory back to the OS (blocks over its mmap threshold, and
+    the heap's top above its trim threshold), so a call whose temporaries are fresh memory pays a
+    page fault per 4 KiB touched — often more than the arithmetic of small-op code on a CPU."""
+    settings = [f"{name}={env['variables'][name]}" for name in ALLOCATOR_VARIABLES if env["variables"].get(name)]
+    return ", ".join(settings) if settings else "glibc malloc, default settings"
 
 
 def describe_machine(env: dict) -> str:

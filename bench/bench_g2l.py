@@ -55,7 +55,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from _env import capture_environment, describe_machine
+from _env import capture_environment, describe_allocator, describe_machine
 from fastmlr.kernels import crop_resize, localize_regions
 
 from fastmlr.testing import released_crop_resize, released_global_to_local, released_localize
@@ -248,7 +248,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# MCAR global-to-local step: released loop vs fastmlr",
         "",
-        f"Machine: {describe_machine(report['environment'])}. Device: {report['config']['device']}. "
+        f"Machine: {describe_machine(report['environment'])}. Allocator: "
+        f"{describe_allocator(report['environment'])}. Device: {report['config']['device']}. "
         f"448×448, C = {CLASSES}, {MAP_SIZE}×{MAP_SIZE} maps, top-{TOP_N}; median of "
         f"{report['config']['repeats']} calls after a warm-up. Boxes identical to the released loop: "
         f"{report['boxes_match_released']}.",

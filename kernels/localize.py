@@ -132,14 +132,17 @@ def _max_marginals_torch(maps: torch.Tensor, height: int, width: int) -> tuple[t
     by the ONNX exporter they stay symbolic (a dynamic batch axis survives shape inference)."""
     y0, y1, h0l, h1l, rows = sampling_tensors(int(maps.shape[-2]), height, maps.device)
     x0, x1, w0l, w1l, cols = sampling_tensors(int(maps.shape[-1]), width, maps.device)
+    # In-place products and sums on the fresh gathers: the same arithmetic with half the temporaries
+    # (on CPU each new block of memory costs page faults once glibc has trimmed its heap).
     # The horizontal pass on the h low-resolution rows, every output column: [..., h, W].
-    across = w0l * maps.index_select(-1, x0) + w1l * maps.index_select(-1, x1)
+    across = maps.index_select(-1, x0).mul_(w0l).add_(maps.index_select(-1, x1).mul_(w1l))
     # px: the vertical pass at the extremal rows only, [..., E_rows, W], max over rows.
-    top, bottom = across.index_select(-2, y0[rows]), across.index_select(-2, y1[rows])
-    px = (h0l[rows, None] * top + h1l[rows, None] * bottom).amax(-2)
+    top = across.index_select(-2, y0[rows]).mul_(h0l[rows, None])
+    px = top.add_(across.index_select(-2, y1[rows]).mul_(h1l[rows, None])).amax(-2)
     # py: the vertical pass at every row of the extremal columns, [..., H, E_cols], max over columns.
     at_cols = across.index_select(-1, cols)
-    py = (h0l[:, None] * at_cols.index_select(-2, y0) + h1l[:, None] * at_cols.index_select(-2, y1)).amax(-1)
+    left = at_cols.index_select(-2, y0).mul_(h0l[:, None])
+    py = left.add_(at_cols.index_select(-2, y1).mul_(h1l[:, None])).amax(-1)
     return px, py
 
 
