@@ -204,18 +204,26 @@ def test_same_boxes_and_crops_as_released(batch: int) -> None:
 # ---- results file --------------------------------------------------------------------------------
 
 
-def median_ms(run: Callable[[], object], repeats: int, device: str) -> tuple[float, list[float]]:
-    """Median wall time (ms) of ``repeats`` calls after one warm-up call."""
+def measure(group: str, batch: int, device: str, repeats: int) -> list[dict]:
+    """Wall times (ms) of every runnable implementation of ``group`` at ``batch``: one warm-up call
+    each, then ``repeats`` rounds that call each implementation once in turn, so a slow spell of a
+    shared machine hits all of them alike and the ratios stay fair."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    run()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    runs = {impl: case(group, impl, batch, device) for impl in GROUPS[group] if runnable(impl, device)}
+    times: dict[str, list[float]] = {impl: [] for impl in runs}
+    for run in runs.values():
         run()
         sync()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), times
+    for _ in range(repeats):
+        for impl, run in runs.items():
+            start = time.perf_counter()
+            run()
+            sync()
+            times[impl].append(1e3 * (time.perf_counter() - start))
+    return [
+        {"group": group, "impl": impl, "batch": batch, "median_ms": statistics.median(t), "times_ms": t}
+        for impl, t in times.items()
+    ]
 
 
 def speedups(results: list[dict]) -> list[dict]:
@@ -251,7 +259,8 @@ def markdown(report: dict) -> str:
         f"Machine: {describe_machine(report['environment'])}. Allocator: "
         f"{describe_allocator(report['environment'])}. Device: {report['config']['device']}. "
         f"448×448, C = {CLASSES}, {MAP_SIZE}×{MAP_SIZE} maps, top-{TOP_N}; median of "
-        f"{report['config']['repeats']} calls after a warm-up. Boxes identical to the released loop: "
+        f"{report['config']['repeats']} calls after a warm-up, the implementations of a group and batch "
+        "called in turn (a slow spell of the machine hits them alike). Boxes identical to the released loop: "
         f"{report['boxes_match_released']}.",
         "",
         "| group | impl | B | median ms | speed-up vs baseline | target |",
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     x = make_inputs(1, args.device)
@@ -284,13 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = []
     for group in args.groups:
-        for impl in GROUPS[group]:
-            if not runnable(impl, args.device):
-                continue
-            for batch in args.batch:
-                ms, times = median_ms(case(group, impl, batch, args.device), args.repeats, args.device)
-                results.append({"group": group, "impl": impl, "batch": batch, "median_ms": ms, "times_ms": times})
-                print(f"{group:9s} {impl:12s} B={batch:<3d} {ms:10.2f} ms", flush=True)
+        for batch in args.batch:
+            for row in measure(group, batch, args.device, args.repeats):
+                results.append(row)
+                print(f"{group:9s} {row['impl']:12s} B={batch:<3d} {row['median_ms']:10.2f} ms", flush=True)
     report = {
         "environment": capture_environment(),
         "config": {
