@@ -175,6 +175,27 @@ if triton is not None:
         return tl.where(ok, value, float("-inf"))
 
     @triton.jit
+    def _running_max(
+        base, w, rows_table, H, cols_table, W, extremal, n_extremal, outputs, ok, CHUNK: tl.constexpr,
+        OVER_ROWS: tl.constexpr,
+    ):
+        """``px`` (``OVER_ROWS``: max over the extremal rows, for the output columns ``outputs``) or
+        ``py`` (max over the extremal columns, for the output rows ``outputs``), ``CHUNK`` extremal
+        rows/columns at a time into a running max."""
+        best = tl.full(outputs.shape, float("-inf"), tl.float32)
+        for start in range(0, n_extremal, CHUNK):
+            e = start + tl.arange(0, CHUNK)
+            e_ok = e < n_extremal
+            picked = tl.load(extremal + e, mask=e_ok, other=0)
+            if OVER_ROWS:
+                value = _bilinear(base, w, rows_table, H, picked, e_ok, cols_table, W, outputs, ok)
+                best = tl.maximum(best, tl.max(value, axis=0))
+            else:
+                value = _bilinear(base, w, rows_table, H, outputs, ok, cols_table, W, picked, e_ok)
+                best = tl.maximum(best, tl.max(value, axis=1))
+        return best
+
+    @triton.jit
     def _max_marginals_kernel(
         maps_ptr,
         px_ptr,
@@ -198,26 +219,13 @@ if triton is not None:
         upsampled values stay in registers (max is exact, so the chunking changes no bit)."""
         pid = tl.program_id(0).to(tl.int64)
         base = maps_ptr + pid * h * w
+        tables = (base, w, rows_table, H, cols_table, W)
         xs = tl.arange(0, BLOCK_W)
-        x_ok = xs < W
-        px = tl.full([BLOCK_W], float("-inf"), tl.float32)
-        for start in range(0, n_extremal_rows, CHUNK):
-            e = start + tl.arange(0, CHUNK)
-            e_ok = e < n_extremal_rows
-            rows = tl.load(extremal_rows + e, mask=e_ok, other=0)
-            value = _bilinear(base, w, rows_table, H, rows, e_ok, cols_table, W, xs, x_ok)
-            px = tl.maximum(px, tl.max(value, axis=0))
-        tl.store(px_ptr + pid * W + xs, px, mask=x_ok)
+        px = _running_max(*tables, extremal_rows, n_extremal_rows, xs, xs < W, CHUNK, True)
+        tl.store(px_ptr + pid * W + xs, px, mask=xs < W)
         ys = tl.arange(0, BLOCK_H)
-        y_ok = ys < H
-        py = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        for start in range(0, n_extremal_cols, CHUNK):
-            e = start + tl.arange(0, CHUNK)
-            e_ok = e < n_extremal_cols
-            cols = tl.load(extremal_cols + e, mask=e_ok, other=0)
-            value = _bilinear(base, w, rows_table, H, ys, y_ok, cols_table, W, cols, e_ok)
-            py = tl.maximum(py, tl.max(value, axis=1))
-        tl.store(py_ptr + pid * H + ys, py, mask=y_ok)
+        py = _running_max(*tables, extremal_cols, n_extremal_cols, ys, ys < H, CHUNK, False)
+        tl.store(py_ptr + pid * H + ys, py, mask=ys < H)
 
 
 @functools.lru_cache(maxsize=64)
