@@ -16,7 +16,7 @@ value, and casts to ``out_dtype``; all arithmetic is in float32 (float64 for flo
   images), not bit for bit.
 - Per region (``backend="auto"`` on CPU, eager): torch's bilinear kernel (what ``F.interpolate``
   runs) once per region, writing straight into the output batch — the released code's own
-  arithmetic, so bit-identical crops, and 3–4× faster on CPU than the vectorised gathers
+  arithmetic, so bit-identical crops, and 3–6× faster on CPU than the vectorised gathers
   (``bench/results/g2l_cpu.md``). Export traces take the vectorised reference instead.
 
 Every backend can write into a caller's tensor (``out=``, e.g. the local stream's preallocated input
