@@ -18,12 +18,12 @@ value, and casts to ``out_dtype``; all arithmetic is in float32 (float64 for flo
   runs) once per region, writing straight into the output batch — the released code's own
   arithmetic, so bit-identical crops, and 3–6× faster on CPU than the vectorised gathers
   (``bench/results/g2l_cpu.md``). Export traces take the vectorised reference instead.
+- Triton: one kernel writes all B×N regions; a program handles one box and a tile of output pixels
+  for every channel, with the per-box scales computed once on the host (exact float32 division).
 
 Every backend can write into a caller's tensor (``out=``, e.g. the local stream's preallocated input
 batch). On CPU that matters: a fresh ``[8, 4, 3, 448, 448]`` float32 batch is 77 MB, and the kernel's
-first touch of new pages costs more than the resampling itself (``bench/results/g2l_cpu.md``).
-- Triton: one kernel writes all B×N regions; a program handles one box and a tile of output pixels
-  for every channel, with the per-box scales computed once on the host (exact float32 division).
+first touch of new pages costs about as much as the resampling itself (``bench/results/g2l_cpu.md``).
 """
 
 from __future__ import annotations
