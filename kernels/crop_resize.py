@@ -147,24 +147,23 @@ def _normalise_and_cast(
     mean: Sequence[float] | torch.Tensor | None,
     std: Sequence[float] | torch.Tensor | None,
     out_dtype: torch.dtype,
-    *,
-    inplace: bool = False,
 ) -> torch.Tensor:
-    """``(out - mean[c]) / std[c]`` over the channel axis (-3) when given, then cast to ``out_dtype``;
-    ``inplace`` overwrites ``out`` (same values)."""
+    """``(out - mean[c]) / std[c]`` over the channel axis (-3) when given, in place on ``out`` (a
+    compute-dtype batch of the caller's), then cast to ``out_dtype``."""
     channels = out.shape[-3]
     mean_c = _channel_vector(mean, "mean", channels, out.dtype, out.device)
     std_c = _channel_vector(std, "std", channels, out.dtype, out.device)
     if mean_c is not None:
-        out = out.sub_(mean_c[:, None, None]) if inplace else out - mean_c[:, None, None]
+        out.sub_(mean_c[:, None, None])
     if std_c is not None:
-        out = out.div_(std_c[:, None, None]) if inplace else out / std_c[:, None, None]
+        out.div_(std_c[:, None, None])
     return out.to(out_dtype)
 
 
 def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``result`` copied into ``out`` (returned), or ``result`` itself when there is no ``out``."""
-    return result if out is None else out.copy_(result)
+    """``result`` copied into ``out`` (returned); ``result`` itself when there is no ``out`` or it is
+    ``out`` already."""
+    return result if out is None or result is out else out.copy_(result)
 
 
 def crop_resize_torch(
@@ -199,7 +198,7 @@ def crop_resize_torch(
         return rows.gather(3, index[:, :, None, :, None].expand(batch, n_boxes, channels, out_h, out_w))
 
     result = pick_rows(y0).mul_(h0l[:, :, None, :, None]).add_(pick_rows(y1).mul_(h1l[:, :, None, :, None]))
-    return _into(_normalise_and_cast(result, mean, std, out_dtype, inplace=True), out)
+    return _into(_normalise_and_cast(result, mean, std, out_dtype), out)
 
 
 def crop_resize_per_region(
@@ -226,8 +225,7 @@ def crop_resize_per_region(
         for n, (x1, y1, x2, y2) in enumerate(image_boxes):
             crop = source[b : b + 1, :, y1:y2, x1:x2]
             torch.ops.aten.upsample_bilinear2d.out(crop, [out_h, out_w], True, None, None, out=target[b, n : n + 1])
-    result = _normalise_and_cast(target, mean, std, out_dtype, inplace=True)
-    return result if result is out else _into(result, out)
+    return _into(_normalise_and_cast(target, mean, std, out_dtype), out)
 
 
 if triton is not None:
