@@ -12,10 +12,14 @@ Conventions (fixed here because the papers leave them open):
 * Classes **without a positive image** have no AP and no recall: they are left out of mAP, CP and
   CR (the per-class averages run over the ``num_classes_evaluated`` classes that have a positive).
   Their false positives still count in OP. Their AP is reported as ``None``.
-* **Thresholded labels**: an image is assigned class c when its score is strictly greater than
-  ``threshold`` (MCAR: "greater than a threshold"; the paper uses 0.6, fastmlr defaults to 0.5).
-  **Top-3 labels**: the three highest scores of each image (ties: the lower class index first; all
-  classes when C < 3), whatever their value.
+* **Thresholded labels**: an image is assigned class c when its score is **greater than or equal
+  to** ``threshold``. **Top-3 labels**: the classes among the image's three highest scores (ties:
+  the lower class index first; all classes when C < 3) whose score is also ``>= threshold``, so an
+  image can have fewer than three. Both follow the metric code the MCAR and ML-GCN authors released
+  (``AveragePrecisionMeter.evaluation`` / ``overall_topk``): MCAR's compares probabilities with
+  ``>= 0.6``, ML-GCN's (reused by Deep-LIFT) logits with ``>= 0``, i.e. probabilities ``>= 0.5``.
+  MCAR's text says "greater than a threshold"; the released code, which produced its tables, is
+  followed. :func:`paper_threshold` gives each model's threshold (0.6 for MCAR, 0.5 otherwise).
 * A class with no predicted image has precision 0 (as in ML-GCN's evaluation code, which MCAR's
   code reuses); an F1 whose precision and recall are both 0 is 0.
 * ``ignore`` (optional, same shape as ``labels``) marks (image, class) entries left out of every
@@ -31,6 +35,17 @@ import torch
 
 METRIC_NAMES = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
 TOP3_NAMES = ("CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3", "OF1_top3")
+
+DEFAULT_THRESHOLD = 0.5
+# Thresholds of the models' released evaluation code where it differs from DEFAULT_THRESHOLD: MCAR's
+# ``util.AveragePrecisionMeter`` uses probabilities >= 0.6. ML-GCN's and Deep-LIFT's use logits >= 0
+# (= 0.5); SSGRL's released code reports mAP only; SRDL, LCE and P-GCN released no evaluation code.
+PAPER_THRESHOLDS = {"mcar": 0.6}
+
+
+def paper_threshold(model_name: str) -> float:
+    """The label threshold of ``model_name``'s paper code: 0.6 for MCAR, 0.5 for every other model."""
+    return PAPER_THRESHOLDS.get(model_name, DEFAULT_THRESHOLD)
 
 
 def _as_numpy(array: Any, name: str) -> np.ndarray:
@@ -133,7 +148,8 @@ def precision_recall_f1(
 
 
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
-    """Boolean ``[N, C]``: each row's ``min(k, C)`` highest scores (ties: lower class index first)."""
+    """Boolean ``[N, C]``: each row's ``min(k, C)`` highest scores (ties: lower class index first),
+    whatever their value (:func:`evaluate` also requires ``>= threshold`` for its top-3 labels)."""
     k = min(k, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     mask = np.zeros(scores.shape, dtype=bool)
@@ -141,14 +157,17 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def evaluate(scores: Any, labels: Any, threshold: float = 0.5, ignore: Any = None) -> dict[str, Any]:
+def evaluate(
+    scores: Any, labels: Any, threshold: float = DEFAULT_THRESHOLD, ignore: Any = None
+) -> dict[str, Any]:
     """All MLR metrics of ``scores`` ``[N, C]`` against binary ``labels`` ``[N, C]``, in percent.
 
     ``scores`` are probabilities (anything ranked works for mAP and top-3; the threshold is compared
     with them as they are). Accepts numpy arrays, torch tensors or nested lists.
 
-    Returns a dict with ``mAP``, ``CP``, ``CR``, ``CF1``, ``OP``, ``OR``, ``OF1`` (labels = scores >
-    ``threshold``), ``CP_top3`` … ``OF1_top3`` (labels = each image's top 3), all in percent;
+    Returns a dict with ``mAP``, ``CP``, ``CR``, ``CF1``, ``OP``, ``OR``, ``OF1`` (labels = scores >=
+    ``threshold``), ``CP_top3`` … ``OF1_top3`` (labels = the classes among each image's 3 highest
+    scores that are >= ``threshold``), all in percent;
     ``AP``: per-class AP in percent (``None`` for a class without positives); ``num_images``,
     ``num_classes``, ``num_classes_evaluated`` (classes with a positive, the ones averaged by mAP,
     CP, CR), ``classes_without_positives`` (their indices), ``threshold``.
@@ -164,8 +183,9 @@ def evaluate(scores: Any, labels: Any, threshold: float = 0.5, ignore: Any = Non
     if not evaluated_classes.any():
         raise ValueError("no class has a positive label: mAP, CP and CR are undefined")
     results: dict[str, Any] = {"mAP": 100.0 * float(np.mean([v for v in ap if v is not None]))}
-    thresholded = precision_recall_f1(scores > threshold, labels, ignore, evaluated_classes)
-    top3 = precision_recall_f1(top_k_mask(scores, 3), labels, ignore, evaluated_classes)
+    passes_threshold = scores >= threshold
+    thresholded = precision_recall_f1(passes_threshold, labels, ignore, evaluated_classes)
+    top3 = precision_recall_f1(top_k_mask(scores, 3) & passes_threshold, labels, ignore, evaluated_classes)
     results.update({name: 100.0 * value for name, value in thresholded.items()})
     results.update({f"{name}_top3": 100.0 * value for name, value in top3.items()})
     results.update(
@@ -181,15 +201,17 @@ def evaluate(scores: Any, labels: Any, threshold: float = 0.5, ignore: Any = Non
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """A text table of :func:`evaluate` results, one block of two lines per named result
-    (thresholded labels, then top-3), columns mAP CP CR CF1 OP OR OF1 in percent."""
+    (labels ``≥threshold``, then ``top-3``: the top-3 classes that pass the threshold), columns mAP
+    CP CR CF1 OP OR OF1 in percent."""
     header = f"{'':<16}{'labels':>8}" + "".join(f"{name:>8}" for name in METRIC_NAMES)
     lines = [header, "-" * len(header)]
     for row_name, result in rows.items():
         thresholded = [result[name] for name in METRIC_NAMES]
         top3 = [result[f"{name}_top3"] for name in METRIC_NAMES[1:]]
         lines.append(
-            f"{row_name:<16}{'>' + format(result['threshold'], '.2f'):>8}"
+            f"{row_name:<16}{'≥' + format(result['threshold'], '.2f'):>8}"
             + "".join(f"{value:8.2f}" for value in thresholded)
         )
         lines.append(f"{'':<16}{'top-3':>8}{'':>8}" + "".join(f"{value:8.2f}" for value in top3))
+    lines.append("labels: ≥t = every class scoring ≥ t; top-3 = the image's 3 highest scores that are ≥ t")
     return "\n".join(lines)

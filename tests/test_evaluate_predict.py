@@ -124,6 +124,23 @@ def test_evaluate_voc_tree(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("model", "extra", "threshold"),
+    [("mcar", [], 0.6), ("baseline", [], 0.5), ("mcar", ["--threshold", "0.3"], 0.3)],
+)
+def test_evaluate_threshold_follows_the_paper_code(tmp_path, capsys, model, extra, threshold):
+    root = make_voc(tmp_path / "VOC2007", {"000001": [("dog", 0)], "000002": [("cat", 0)]})
+    out = tmp_path / "voc.json"
+    code, stdout, stderr = run_cli(
+        ["evaluate", "--model", model, *SMALL, "--data", "voc", "--root", str(root), "--workers", "0",
+         "--out", str(out), *extra],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["metrics"]["threshold"] == threshold
+    assert f"≥{threshold:.2f}" in stdout
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--num-classes", "20"], "the model predicts 20 classes but the dataset has 80"),

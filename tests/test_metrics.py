@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmlr.metrics import average_precision, evaluate, format_table, top_k_mask
+from fastmlr.metrics import average_precision, evaluate, format_table, paper_threshold, top_k_mask
 
 
 def reference_ap(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -43,7 +43,7 @@ def test_hand_computed_ap_and_prf():
     result = evaluate(scores, labels, threshold=0.5)
     assert result["AP"] == pytest.approx([100 * (1 + 2 / 3) / 2, 100 * 0.5])
     assert result["mAP"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + 0.5) / 2)
-    # > 0.5: class 0 predicts all 4 (2 correct); class 1 predicts images 0, 1 (1 correct).
+    # >= 0.5: class 0 predicts all 4 (2 correct); class 1 predicts images 0, 1 (1 correct).
     cp, cr = (2 / 4 + 1 / 2) / 2, (2 / 2 + 1 / 2) / 2
     op, orr = 3 / 6, 3 / 4
     assert result["CP"] == pytest.approx(100 * cp)
@@ -52,20 +52,37 @@ def test_hand_computed_ap_and_prf():
     assert result["OP"] == pytest.approx(100 * op)
     assert result["OR"] == pytest.approx(100 * orr)
     assert result["OF1"] == pytest.approx(100 * 2 * op * orr / (op + orr))
-    # Top-3 with C = 2: every class is predicted for every image.
-    assert result["OP_top3"] == pytest.approx(100 * 4 / 8)
-    assert result["OR_top3"] == pytest.approx(100.0)
+    # Top-3 with C = 2: both classes are in every image's top 3, so the threshold alone decides.
+    for name in ("CP", "CR", "OP", "OR"):
+        assert result[f"{name}_top3"] == pytest.approx(result[name]), name
     assert result["num_classes_evaluated"] == 2 and result["classes_without_positives"] == []
 
 
-def test_threshold_is_strict_and_top3_picks_highest():
-    scores = np.array([[0.5, 0.6, 0.1, 0.9, 0.2]])
-    labels = np.array([[1, 1, 0, 0, 0]])
-    result = evaluate(scores, labels, threshold=0.5)
-    # > 0.5 predicts classes 1 and 3: one correct of two predicted, one of two found.
-    assert result["OP"] == pytest.approx(50.0) and result["OR"] == pytest.approx(50.0)
-    assert top_k_mask(scores, 3).tolist() == [[True, True, False, True, False]]
-    assert result["OP_top3"] == pytest.approx(100 * 2 / 3) and result["OR_top3"] == pytest.approx(100.0)
+def test_threshold_is_inclusive_and_top3_must_pass_it():
+    # Two images, five classes, threshold 0.6 (MCAR's). Scores equal to 0.6 count, and a top-3 class
+    # counts only if it also scores >= 0.6, as in the released AveragePrecisionMeter code.
+    scores = np.array([[0.9, 0.6, 0.55, 0.3, 0.1], [0.2, 0.7, 0.65, 0.62, 0.61]])
+    labels = np.array([[1, 0, 1, 1, 0], [0, 1, 0, 1, 1]])
+    result = evaluate(scores, labels, threshold=0.6)
+    # >= 0.6: image 0 -> {0, 1}, image 1 -> {1, 2, 3, 4}.
+    # Per class: correct [1, 1, 0, 1, 1], predicted [1, 2, 1, 1, 1], ground truth [1, 1, 1, 2, 1].
+    assert result["OP"] == pytest.approx(100 * 4 / 6) and result["OR"] == pytest.approx(100 * 4 / 6)
+    assert result["CP"] == pytest.approx(100 * (1 + 1 / 2 + 0 + 1 + 1) / 5)
+    assert result["CR"] == pytest.approx(100 * (1 + 1 + 0 + 1 / 2 + 1) / 5)
+    # Top 3: image 0 -> {0, 1, 2}, of which {0, 1} pass; image 1 -> {1, 2, 3}, all pass.
+    # Per class: correct [1, 1, 0, 1, 0], predicted [1, 2, 1, 1, 0].
+    assert top_k_mask(scores, 3).tolist() == [[True, True, True, False, False], [False, True, True, True, False]]
+    assert result["OP_top3"] == pytest.approx(100 * 3 / 5) and result["OR_top3"] == pytest.approx(100 * 3 / 6)
+    assert result["OF1_top3"] == pytest.approx(100 * 2 * (3 / 5) * (3 / 6) / (3 / 5 + 3 / 6))
+    assert result["CP_top3"] == pytest.approx(100 * (1 + 1 / 2 + 0 + 1 + 0) / 5)
+    assert result["CR_top3"] == pytest.approx(100 * (1 + 1 + 0 + 1 / 2 + 0) / 5)
+    assert result["CF1_top3"] == pytest.approx(100 * 0.5)
+
+
+def test_paper_thresholds():
+    assert paper_threshold("mcar") == 0.6
+    for name in ("baseline", "mlgcn", "ssgrl", "deeplift", "srdl", "lce", "pgcn"):
+        assert paper_threshold(name) == 0.5, name
 
 
 def test_tied_scores_form_one_threshold():
@@ -85,7 +102,7 @@ def test_class_without_positives_left_out():
     assert result["AP"][1] is None
     assert result["classes_without_positives"] == [1] and result["num_classes_evaluated"] == 2
     assert result["mAP"] == pytest.approx((result["AP"][0] + result["AP"][2]) / 2)
-    # > 0.5 predicts 4 entries, 1 correct; class 1's two false positives count in OP but not in CP.
+    # >= 0.5 predicts 4 entries, 1 correct; class 1's two false positives count in OP but not in CP.
     assert result["OP"] == pytest.approx(100 * 1 / 4)
     assert result["CP"] == pytest.approx(100 * (1 / 1 + 0) / 2)
 
@@ -109,10 +126,13 @@ def test_matches_independent_computation_on_random_data(seed):
     expected_ap = [reference_ap(scores[:, c], labels[:, c]) for c in range(num_classes)]
     assert result["AP"] == pytest.approx([100 * v for v in expected_ap])
     assert result["mAP"] == pytest.approx(100 * sum(expected_ap) / num_classes)
-    for name, value in reference_prf((scores > 0.4).tolist(), labels.tolist()).items():
+    for name, value in reference_prf((scores >= 0.4).tolist(), labels.tolist()).items():
         assert result[name] == pytest.approx(100 * value), name
     top3_classes = [sorted(range(num_classes), key=lambda k: -row[k])[:3] for row in scores]
-    top3 = [[c in classes for c in range(num_classes)] for classes in top3_classes]
+    top3 = [
+        [c in classes and row[c] >= 0.4 for c in range(num_classes)]
+        for classes, row in zip(top3_classes, scores, strict=True)
+    ]
     for name, value in reference_prf(top3, labels.tolist()).items():
         assert result[f"{name}_top3"] == pytest.approx(100 * value), name
 
@@ -120,7 +140,7 @@ def test_matches_independent_computation_on_random_data(seed):
 def test_format_table_lists_every_metric():
     result = evaluate(np.array([[0.9, 0.1], [0.2, 0.7]]), np.array([[1, 0], [0, 1]]))
     table = format_table({"eager": result})
-    assert "eager" in table and "top-3" in table and "OF1" in table
+    assert "eager" in table and "top-3" in table and "OF1" in table and "≥0.50" in table
     assert f"{result['mAP']:.2f}" in table
 
 
