@@ -33,18 +33,20 @@ IGNORE = -1.0
 DIFFICULT_MODES = ("ignore", "negative")
 DEFAULT_SPLITS = {"coco": "val", "voc": "test"}
 
-# The 80 MS-COCO categories in increasing category-id order (ids 1..90 with gaps).
+# The 80 MS-COCO categories in the released codes' order: the category *names* sorted (Python's
+# ``sorted``), as ML-GCN's, MCAR's and Deep-LIFT's ``coco.py`` index them — so their checkpoints'
+# output k is COCO_CLASSES[k]. (Not COCO's category-id order, which starts person, bicycle, car.)
 COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
+    "airplane", "apple", "backpack", "banana", "baseball bat", "baseball glove", "bear", "bed",
+    "bench", "bicycle", "bird", "boat", "book", "bottle", "bowl", "broccoli", "bus", "cake", "car",
+    "carrot", "cat", "cell phone", "chair", "clock", "couch", "cow", "cup", "dining table", "dog",
+    "donut", "elephant", "fire hydrant", "fork", "frisbee", "giraffe", "hair drier", "handbag",
+    "horse", "hot dog", "keyboard", "kite", "knife", "laptop", "microwave", "motorcycle", "mouse",
+    "orange", "oven", "parking meter", "person", "pizza", "potted plant", "refrigerator", "remote",
+    "sandwich", "scissors", "sheep", "sink", "skateboard", "skis", "snowboard", "spoon",
+    "sports ball", "stop sign", "suitcase", "surfboard", "teddy bear", "tennis racket", "tie",
+    "toaster", "toilet", "toothbrush", "traffic light", "train", "truck", "tv", "umbrella", "vase",
+    "wine glass", "zebra",
 )  # fmt: skip
 
 # The 20 PASCAL VOC classes in the devkit's order.
@@ -56,7 +58,9 @@ VOC_CLASSES = (
 
 
 def class_names(num_classes: int) -> list[str]:
-    """COCO's 80 names when ``num_classes`` is 80, VOC's 20 when 20, else ``class_0 … class_{C-1}``."""
+    """The default class names of a ``num_classes``-class model, in output order: COCO's 80 in the
+    released order (:data:`COCO_CLASSES`, names sorted) when ``num_classes`` is 80, VOC's 20 when 20,
+    else ``class_0 … class_{C-1}``."""
     if num_classes == len(COCO_CLASSES):
         return list(COCO_CLASSES)
     if num_classes == len(VOC_CLASSES):
@@ -195,8 +199,9 @@ def _load_coco_annotations(ann_file: pathlib.Path):
 class CocoMultiLabel(MultiLabelImages):
     """MS-COCO (2014) as multi-label classification.
 
-    ``ann_file``: an ``instances_*.json``. Classes = its categories, sorted by category id (C = 80 for
-    COCO: ids 1..90 with gaps → 0..79), named by their ``name``. Images = all of the file's images in
+    ``ann_file``: an ``instances_*.json``. Classes = its categories named by their ``name``, in the
+    released codes' order: names sorted (for COCO's 80 that is :data:`COCO_CLASSES`; two categories
+    with one name raise ``ValueError``). Images = all of the file's images in
     increasing image id, ``image_dir / file_name``; target[c] = 1 when the image has any annotation
     (crowd ones included) of class c, so images without annotations are kept with all-zero targets.
     """
@@ -207,7 +212,11 @@ class CocoMultiLabel(MultiLabelImages):
         image_dir = _require_dir(pathlib.Path(image_dir), "COCO image directory")
         ann_file = pathlib.Path(ann_file)
         coco = _load_coco_annotations(ann_file)
-        category_ids = sorted(coco.getCatIds())
+        category_ids = sorted(coco.getCatIds(), key=lambda category_id: coco.cats[category_id]["name"])
+        names = [coco.cats[category_id]["name"] for category_id in category_ids]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{ann_file}: several categories are named {repeated}: classes are indexed by name")
         class_index = {category_id: i for i, category_id in enumerate(category_ids)}
         image_ids = sorted(coco.getImgIds())
         targets = torch.zeros(len(image_ids), len(category_ids))

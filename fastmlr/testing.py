@@ -11,11 +11,14 @@ the released code's step.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastmlr.graph import RANDOM_EMBEDDINGS
 
 
 def normalise_profile(profile: torch.Tensor) -> torch.Tensor:
@@ -116,3 +119,16 @@ def calibrate_batchnorm(model: nn.Module, batch: torch.Tensor) -> nn.Module:
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()
+
+
+def stand_in_label_graph(name: str) -> dict[str, str]:
+    """Options giving the model ``name`` seeded random stand-in word embeddings
+    (``{"label_embeddings": "random"}``) when it takes word embeddings, else ``{}``: what a test of a
+    label-graph model needs at a class count without a packaged graph (80 and 20 have one)."""
+    from fastmlr import registry
+
+    registry._import_models()
+    if name not in registry._MODELS:
+        raise ValueError(f"unknown model {name!r}")
+    takes = "label_embeddings" in inspect.signature(registry._MODELS[name].__init__).parameters
+    return {"label_embeddings": RANDOM_EMBEDDINGS} if takes else {}

@@ -25,8 +25,22 @@ from fastmlr.data import (
     load_image,
 )
 
-# COCO 2014's category ids: 1..90 without these ten.
+# COCO 2014's categories as its annotation files list them: ids 1..90 without ten, names in id order.
+COCO_NAMES_BY_ID = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
+#: Category id of each class of the released order (COCO_CLASSES[c]).
+CATEGORY_ID = [COCO_CATEGORY_IDS[COCO_NAMES_BY_ID.index(name)] for name in COCO_CLASSES]
 
 
 def write_image(path: pathlib.Path, seed: int, size: tuple[int, int] = (48, 40)) -> None:
@@ -37,7 +51,8 @@ def write_image(path: pathlib.Path, seed: int, size: tuple[int, int] = (48, 40))
 def make_coco(root: pathlib.Path, labels: dict[int, list[int]], corrupt: tuple[int, ...] = ()):
     """A COCO-layout tree: ``root/val2014/*.jpg`` and ``root/annotations/instances_val2014.json``.
 
-    ``labels`` maps image id → list of class indices (0..79; repeats give several annotations);
+    ``labels`` maps image id → list of class indices (0..79 into :data:`COCO_CLASSES`, the released
+    order; repeats give several annotations);
     images listed in ``corrupt`` get a file that is not an image. Returns the annotation file.
     """
     (root / "val2014").mkdir(parents=True)
@@ -52,11 +67,11 @@ def make_coco(root: pathlib.Path, labels: dict[int, list[int]], corrupt: tuple[i
         images.append({"id": image_id, "file_name": name, "width": 48, "height": 40})
         for c in classes:
             annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[c],
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": CATEGORY_ID[c],
                 "bbox": [0, 0, 10, 10], "area": 100.0, "iscrowd": 0,
             })
-    categories = [{"id": i, "name": n} for i, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
-    # Shuffled on purpose: classes must come out in sorted-id order.
+    categories = [{"id": i, "name": n} for i, n in zip(COCO_CATEGORY_IDS, COCO_NAMES_BY_ID, strict=True)]
+    # Reversed on purpose: classes must come out in sorted-name order, neither file nor id order.
     content = {"images": images[::-1], "annotations": annotations, "categories": categories[::-1]}
     ann_file = root / "annotations" / "instances_val2014.json"
     ann_file.write_text(json.dumps(content))
@@ -81,6 +96,8 @@ def make_voc(root: pathlib.Path, objects: dict[str, list[tuple[str, int]]], spli
 
 def test_class_names():
     assert class_names(80) == list(COCO_CLASSES) and len(set(COCO_CLASSES)) == 80
+    # The released codes' order: COCO's names sorted (their coco.py), not category-id order.
+    assert class_names(80)[:3] == ["airplane", "apple", "backpack"] and list(COCO_CLASSES) == sorted(COCO_NAMES_BY_ID)
     assert class_names(20) == list(VOC_CLASSES) and class_names(20)[0] == "aeroplane"
     assert class_names(3) == ["class_0", "class_1", "class_2"]
 
@@ -103,8 +120,14 @@ def test_coco_targets_and_order(tmp_path):
     assert dataset.image_ids == [3, 7, 42]
     assert dataset.targets[0].sum() == 0  # image without annotations kept, all zeros
     assert torch.nonzero(dataset.targets[1]).flatten().tolist() == [0, 79]
-    # Class 11 = "stop sign" (id 13), class 12 = "parking meter" (id 14): across the id-12 gap.
     assert torch.nonzero(dataset.targets[2]).flatten().tolist() == [11, 12]
+    # Category id 1 ("person") is class 49 of the released order; id 5 ("airplane") class 0.
+    person = make_coco(tmp_path / "person", {1: [COCO_CLASSES.index("person")], 2: [0]})
+    raw = json.loads(person.read_text())
+    assert [a["category_id"] for a in raw["annotations"]] == [1, 5]
+    dataset = CocoMultiLabel(tmp_path / "person" / "val2014", person, image_size=32)
+    assert dataset.classes[:3] == ["airplane", "apple", "backpack"]
+    assert torch.nonzero(dataset.targets).tolist() == [[0, 49], [1, 0]]
     image, target = dataset[1]
     assert image.shape == (3, 32, 32) and torch.equal(target, dataset.targets[1])
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmlr import create_model, kernels
-from fastmlr.graph import cooccurrence_adjacency
+from fastmlr.graph import cooccurrence_statistics, mlgcn_correlation
 from fastmlr.losses import multilabel_bce
 from fastmlr.models.lce import kept_token_indices, lce_loss, sine_position_encoding
 from fastmlr.models.srdl import box_masks, erasing_boxes, object_erasing, srdl_loss
-from fastmlr.testing import calibrate_batchnorm
+from fastmlr.testing import calibrate_batchnorm, stand_in_label_graph
 
 C = 4
 SIZE = 64
@@ -30,7 +30,8 @@ ZOO = [
 ]
 IDS = [name + "-" + "-".join(cfg.values()) if cfg else name for name, cfg in ZOO]
 TARGETS = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
-ADJACENCY = cooccurrence_adjacency(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 0, 1]]))
+ADJACENCY = mlgcn_correlation(*cooccurrence_statistics(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1],
+                                                                   [1, 1, 0, 1]])))
 
 
 def images(batch: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
@@ -38,7 +39,8 @@ def images(batch: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
 
 
 def graph_options(name: str) -> dict:
-    return {"adjacency": ADJACENCY} if name in ("deeplift", "mlgcn", "ssgrl") else {}
+    adjacency = {"adjacency": ADJACENCY} if name in ("deeplift", "mlgcn", "ssgrl") else {}
+    return {**stand_in_label_graph(name), **adjacency}
 
 
 def build(name: str, cfg: dict, backbone: str = "mobilenet_v2", size: int = SIZE) -> nn.Module:
@@ -74,7 +76,7 @@ def test_eval_shapes_determinism_and_batching(name, cfg):
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
 @pytest.mark.parametrize("name, cfg", [z for z in ZOO if z[0] != "lce"], ids=[i for i in IDS if i != "lce"])
 def test_resnet_shapes(name, cfg, backbone):
-    model = create_model(name, backbone=backbone, num_classes=C, image_size=SIZE, **cfg)
+    model = create_model(name, backbone=backbone, num_classes=C, image_size=SIZE, **cfg, **stand_in_label_graph(name))
     with torch.no_grad():
         probs = model(images(1))
     assert probs.shape == (1, C) and ((probs >= 0) & (probs <= 1)).all()
@@ -273,7 +275,8 @@ def test_srdl_training_feeds_the_erased_attention_to_the_fused_pool(monkeypatch)
 )
 def test_bad_options_raise(name, options, error, message):
     with pytest.raises(error, match=message):
-        create_model(name, backbone="mobilenet_v2", num_classes=C, image_size=SIZE, **options)
+        create_model(name, backbone="mobilenet_v2", num_classes=C, image_size=SIZE,
+                     **{**stand_in_label_graph(name), **options})
 
 
 def test_label_embeddings_and_adjacency_are_used(tmp_path):
@@ -287,7 +290,8 @@ def test_label_embeddings_and_adjacency_are_used(tmp_path):
     assert torch.equal(model.word_embeddings, torch.from_numpy(embeddings))
     assert torch.equal(model.adjacency, ADJACENCY)
     assert "word_embeddings" in model.state_dict()  # saved with checkpoints
-    plain = create_model("deeplift", backbone="mobilenet_v2", num_classes=C, image_size=SIZE)
+    plain = create_model("deeplift", backbone="mobilenet_v2", num_classes=C, image_size=SIZE,
+                         label_embeddings="random")
     assert torch.equal(plain.adjacency, torch.eye(C))
 
 
