@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastmlr.runtime import ort_cuda_available
 from _env import capture_environment, describe_machine
 from paper_tables import (
     SRDL_TABLE_3_BACKBONE,
@@ -226,7 +227,7 @@ def check_available(backend: str, settings: Settings) -> None:
     if backend == "onnxruntime":
         if not _importable("onnxruntime"):
             missing.append("ONNX Runtime is not installed: pip install onnxruntime (or pip install -e '.[onnx]')")
-        elif device == "cuda" and not _ort_has_cuda():
+        elif device == "cuda" and not ort_cuda_available():
             missing.append("ONNX Runtime has no CUDAExecutionProvider: pip install onnxruntime-gpu")
         if lacking := _export_has("to_onnx"):
             missing.append(f"fastmlr.export lacks {', '.join(lacking)}")
@@ -248,12 +249,6 @@ def check_available(backend: str, settings: Settings) -> None:
         missing.append(f"this GPU ({torch.cuda.get_device_name(0)}) does not support bf16: use fp16 or fp32")
     if missing:
         raise Unavailable(f"--backend {backend} --device {device}: " + "; ".join(missing))
-
-
-def _ort_has_cuda() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _cxx_compiler() -> str | None:
@@ -325,13 +320,10 @@ def onnxruntime_calls(
     """An ONNX Runtime session on the exported ``model`` (CPU execution provider, or CUDA's with
     ``--device cuda``; ``settings.threads`` intra-op threads) fed ``images`` as a host array, so on the
     GPU the copies are timed too."""
-    import onnxruntime as ort
+    from fastmlr.runtime import ort_session
 
     path = export_onnx(model, images, workdir)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads
-    provider = "CUDAExecutionProvider" if settings.device == "cuda" else "CPUExecutionProvider"
-    session = ort.InferenceSession(str(path), options, providers=[provider])
+    session = ort_session(path, device=settings.device, threads=settings.threads)
     if len(session.get_inputs()) != 1:
         raise ValueError(
             f"the exported graph {path.name} has {len(session.get_inputs())} inputs, expected 1 (images); "

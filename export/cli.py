@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="triton-server: serve the ONNX file ('onnx', onnxruntime backend) or a TensorRT "
                              "engine ('plan')")
     parser.add_argument("--images", default=None,
-                        help="directory of validation images (default: shared/images beside the repository)")
+                        help="directory of validation images (default: the packaged COCO and VOC validation photos)")
     parser.add_argument("--out", required=True,
                         help="output file (.onnx / .plan) or, for triton-server, the model repository directory")
 

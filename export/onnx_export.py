@@ -36,6 +36,8 @@ from fastmlr.kernels import use_backend
 from torch import nn
 from torch.onnx import symbolic_helper
 
+from fastmlr.runtime import ort_session
+
 from .tensorrt_ops import tensorrt_op_support
 from .validation import (
     IMAGENET_MEAN,
@@ -235,11 +237,7 @@ def write_metadata(path: str | os.PathLike, model: nn.Module, image_size: int) -
 
 def onnx_runtime_runner(path: str | os.PathLike) -> Runner:
     """Runs the ONNX file in ONNX Runtime's CPU provider: ``images -> [outputs]``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=torch.get_num_threads())
     return lambda images: session.run(None, {INPUT_NAME: images.detach().cpu().numpy().astype(np.float32)})
 
 
@@ -267,8 +265,8 @@ def validate_onnx(
     notes: Sequence[str] = (),
 ) -> list[Comparison]:
     """Run the ONNX file in ONNX Runtime and ``model`` in PyTorch on the real images (``images``: a
-    directory or files; default ``shared/images``) grouped by ``batches[0]``, and on ``num_random``
-    random batches of each size in ``batches``. Returns the worst comparison per output; raises
+    directory or files; default: the packaged COCO and VOC validation photos) grouped by ``batches[0]``,
+    and on ``num_random`` random batches of each size in ``batches``. Returns the worst comparison per output; raises
     :class:`~fastmlr.export.validation.ExportValidationError` when a probability differs by more than
     ``tolerance`` or a box or index differs at all."""
     model.eval()
@@ -299,8 +297,8 @@ def to_onnx(
     ``dynamic_batch=True`` makes the batch axis symbolic (``"batch"``).
 
     With ``validate`` (the default) the graph is written to a temporary file beside ``path``, run in
-    ONNX Runtime on the real images (``images``, default ``shared/images``) and on random inputs (at
-    ``batch``, and also ``batch + 1`` when the batch is dynamic) and compared with PyTorch:
+    ONNX Runtime on the real images (``images``, default: the packaged COCO and VOC validation photos) and
+    on random inputs (at ``batch``, and also ``batch + 1`` when the batch is dynamic) and compared with PyTorch:
     probabilities within 1e-4, boxes and indices identical. Only then is it moved to ``path``; a
     failure raises ``ExportValidationError`` (a ``RuntimeError``) with the worst difference, the output,
     the element index and the input, and nothing is written.

@@ -1,7 +1,7 @@
 """Compare an exported artifact with the PyTorch reference before it is written.
 
-The inputs are real images (``shared/images`` through :func:`fastmlr.data.eval_transform`: resized to
-the model's size, ImageNet-normalised)
+The inputs are real images (the COCO and VOC validation photos packaged in ``fastmlr/assets/images``,
+through :func:`fastmlr.data.eval_transform`: resized to the model's size, ImageNet-normalised)
 plus seeded random images. Floating outputs must agree within a tolerance that depends on the
 artifact's precision (:data:`TOLERANCES`); integer outputs (MCAR's boxes and class indices) must be
 identical. A failure raises :class:`ExportValidationError` naming, for every failing output, the worst
@@ -10,6 +10,7 @@ difference, the element index and the input it occurred on.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from fastmlr.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
 #: formats' unit roundoffs (2^-8 / 2^-11 = 8), as bf16 keeps 7 mantissa bits to fp16's 10.
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2}
 
-#: ``shared/images`` beside the repository (COCO and VOC validation images).
-DEFAULT_IMAGES_DIR = Path(__file__).resolve().parents[2] / "shared" / "images"
+#: The validation photos shipped as package data: ``coco/`` (6 COCO val2014) and ``voc/`` (4 VOC 2008).
+DEFAULT_IMAGES_DIR = Path(str(importlib.resources.files("fastmlr"))) / "assets" / "images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 #: Runs one input batch and returns the outputs in ``output_names`` order.
@@ -46,12 +47,12 @@ def tolerance_for(precision: str) -> float:
 
 def find_images(source: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> list[Path]:
     """The validation images: every ``.jpg/.jpeg/.png`` under a directory (recursively, sorted), or the
-    given files. ``None`` means :data:`DEFAULT_IMAGES_DIR`, and gives an empty list when that directory
-    does not exist. A directory or file that was named explicitly but is missing raises
+    given files. ``None`` means the packaged images, :data:`DEFAULT_IMAGES_DIR` (a ``FileNotFoundError``
+    if the installation lacks them). A directory or file that was named explicitly but is missing raises
     ``FileNotFoundError``; a named directory without images raises ``ValueError``."""
     if source is None:
         if not DEFAULT_IMAGES_DIR.is_dir():
-            return []
+            raise FileNotFoundError(f"this installation lacks the packaged validation images: {DEFAULT_IMAGES_DIR}")
         source = DEFAULT_IMAGES_DIR
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)

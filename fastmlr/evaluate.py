@@ -34,6 +34,7 @@ from fastmlr.data import (
     collate_skip_unreadable,
 )
 from fastmlr.metrics import evaluate, format_table, paper_threshold
+from fastmlr.runtime import ort_cuda_available, ort_session
 
 BACKENDS = ("eager", "onnxruntime", "trt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -140,21 +141,13 @@ def onnxruntime_predictor(
 ) -> Predictor:
     """Export ``model`` with :func:`fastmlr.export.to_onnx` (dynamic batch) into ``workdir`` and run
     the graph with ONNX Runtime (CUDA execution provider on a CUDA ``device`` when available)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise RuntimeError('--backend onnxruntime needs onnxruntime: pip install -e ".[onnx]"') from err
     from fastmlr import export
 
-    if not hasattr(export, "to_onnx"):
-        raise RuntimeError("fastmlr.export.to_onnx is not available in this installation")
+    has_cuda_provider = ort_cuda_available()  # raises a RuntimeError naming the install when ORT is missing
     path = workdir / f"{getattr(model, 'model_name', 'model')}.onnx"
     cpu_model = copy.deepcopy(model).cpu().eval()  # the eager backend may hold ``model`` on the GPU
     export.to_onnx(cpu_model, path, image_size=image_size, batch=batch_size, dynamic_batch=True)
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
+    session = ort_session(path, device="cuda" if device.type == "cuda" and has_cuda_provider else "cpu")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[select_probs_output([o.name for o in session.get_outputs()])].name
 
