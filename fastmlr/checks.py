@@ -1,17 +1,27 @@
-"""Input checks shared by every model's boundary. Each failure is a ``ValueError`` naming the problem."""
+"""Checks shared by every boundary: model inputs and options, weights, and the output paths of every
+command. Each failure is a ``ValueError`` (or ``FileNotFoundError``) naming the problem in one line."""
 
 from __future__ import annotations
+
+import numbers
+import os
+import pathlib
+import tempfile
 
 import torch
 
 
-def check_images(images: torch.Tensor, image_size: int | None = None) -> None:
+def check_images(
+    images: torch.Tensor, image_size: int | None = None, weight_dtype: torch.dtype | None = None
+) -> None:
     """Validate a batch of images ``[B, 3, H, W]``.
 
     Requires a floating tensor with 4 dimensions, 3 channels, a non-empty batch, H and W multiples
     of 32 (the backbones' stride) and finite values (not checked while
     tracing for export or compile). When ``image_size`` is given (models whose
-    layer widths depend on it, e.g. LCE), H and W must equal it.
+    layer widths depend on it, e.g. LCE), H and W must equal it. When ``weight_dtype`` is given (the
+    model's parameters), the images must have that dtype, unless autocast is on for their device
+    (which casts inside every op).
     """
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -19,6 +29,12 @@ def check_images(images: torch.Tensor, image_size: int | None = None) -> None:
         raise ValueError(f"images must be 4-D [B, 3, H, W], got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating tensor, got dtype {images.dtype}")
+    autocast = torch.is_autocast_enabled(images.device.type)
+    if weight_dtype is not None and images.dtype != weight_dtype and not autocast:
+        raise ValueError(
+            f"images are {images.dtype} but the model's weights are {weight_dtype}: convert the images "
+            f"(images.to({weight_dtype})) or the model (model.to({images.dtype}))"
+        )
     b, c, h, w = images.shape
     if b == 0:
         raise ValueError("images is an empty batch (B = 0)")
@@ -33,8 +49,31 @@ def check_images(images: torch.Tensor, image_size: int | None = None) -> None:
         raise ValueError("images contain NaN or infinite values")
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """``ValueError`` naming ``what`` when a floating ``tensor`` holds NaN or infinite values (skipped
+    while tracing for export or compile, where a value check cannot run)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or not tensor.is_floating_point():
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} contains {bad} NaN or infinite value{'s' * (bad != 1)}")
+
+
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, which it must be (a Python or numpy integer, not a bool, string or float
+    with a fraction), at least ``minimum``; ``ValueError`` naming ``name`` otherwise."""
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_threshold(threshold: float, name: str = "threshold") -> float:
-    """``threshold`` must lie in the open interval (0, 1)."""
+    """``threshold`` must be a real number in the open interval (0, 1)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise ValueError(f"{name} must be a number in (0, 1), got {threshold!r} ({type(threshold).__name__})")
     threshold = float(threshold)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {threshold}")
@@ -43,6 +82,75 @@ def check_threshold(threshold: float, name: str = "threshold") -> float:
 
 def check_topn(topn: int, num_classes: int) -> int:
     """``topn`` must be an integer in 1..num_classes."""
-    if isinstance(topn, bool) or int(topn) != topn or not 1 <= int(topn) <= num_classes:
+    if isinstance(topn, bool) or not isinstance(topn, numbers.Real) or int(topn) != topn \
+            or not 1 <= int(topn) <= num_classes:
         raise ValueError(f"topn must be an integer in 1..{num_classes} (num_classes), got {topn}")
     return int(topn)
+
+
+def _first_existing(path: pathlib.Path) -> pathlib.Path:
+    """``path`` or its nearest existing ancestor (where a missing directory would be created)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_dir(directory: pathlib.Path, option: str, path: pathlib.Path) -> None:
+    """A file can be created in ``directory`` (tried, not inferred from permission bits: root ignores
+    them, read-only mounts and pseudo file systems do not)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot write in {directory} ({err.strerror or err})") from None
+
+
+def _check_creatable(path: pathlib.Path, option: str) -> None:
+    """``path`` can be created: its nearest existing ancestor is a writable directory (the missing
+    directories between are created by the command)."""
+    anchor = _first_existing(path.parent)
+    if not anchor.is_dir():
+        raise ValueError(f"{option} {path}: {anchor} is a file, not a directory")
+    _check_writable_dir(anchor, option, path)
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--out", overwrite: bool = False) -> pathlib.Path:
+    """Check, before any work, that a command can write the file ``path``: it is not a directory, it
+    does not exist unless ``overwrite`` (then it must be writable), and its directory exists or can be
+    created in a writable directory. Returns the path; ``ValueError`` naming ``option`` otherwise."""
+    out = pathlib.Path(path)
+    if out.is_dir():
+        raise ValueError(f"{option} {out} is a directory; give a file name")
+    if out.exists():
+        if not overwrite:
+            raise ValueError(f"{option} {out} exists; pass --overwrite to replace it")
+        try:
+            with open(out, "ab"):  # opened for writing, nothing written
+                pass
+        except OSError as err:
+            raise ValueError(f"{option} {out} exists and cannot be written ({err.strerror or err})") from None
+    _check_creatable(out, option)
+    return out
+
+
+def check_output_dir(
+    path: str | os.PathLike, option: str = "--out", files: tuple[str, ...] = (), overwrite: bool = False
+) -> pathlib.Path:
+    """Check, before any work, that a command can write ``files`` (names relative to the directory
+    ``path``) into ``path``: it is a writable directory or can be created in one, and none of those
+    files exists unless ``overwrite``. Returns the path; ``ValueError`` naming ``option`` otherwise."""
+    out = pathlib.Path(path)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{option} {out} is a file; give a directory")
+        _check_writable_dir(out, option, out)
+    else:
+        _check_creatable(out, option)
+    for name in files:
+        target = out / name
+        if target.is_dir():
+            raise ValueError(f"{option}: {target} is a directory where a file goes")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{option}: {target} exists; pass --overwrite to replace it")
+    return out

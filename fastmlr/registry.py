@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+
+from fastmlr.checkpoint import STATE_OPTIONS, Checkpoint, check_config, load_checkpoint, read_checkpoint
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,13 +45,34 @@ def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, os.PathLike))
 
 
+def model_options(name: str) -> dict[str, Any]:
+    """The options a registered model's constructor takes, with their defaults: ``backbone``,
+    ``num_classes``, ``image_size``, ``backbone_weights`` and the architecture's own (e.g. MCAR's
+    ``pooling``, ``topn``, ``threshold``)."""
+    _import_models()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
+    options: dict[str, Any] = {}
+    for cls in _MODELS[name].__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
+                options.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return options
+
+
 def create_model(
     name: str,
     *,
-    backbone: str = "resnet101",
-    num_classes: int = 80,
-    image_size: int = 448,
-    checkpoint: str | os.PathLike | None = None,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
     **cfg: Any,
 ) -> nn.Module:
     """Build a registered model with random weights, optionally loading ``checkpoint``.
@@ -57,18 +81,38 @@ def create_model(
     ``threshold``) and ``backbone_weights=PATH``, a local torchvision weight file. ``checkpoint``
     is a fastmlr checkpoint or one of the formats the architecture knows (MCAR: the released code's
     ``{'state_dict': ...}``); see :func:`fastmlr.checkpoint.load_checkpoint`.
+
+    **The configuration travels with the weights.** A fastmlr checkpoint holds the options it was
+    saved with (``model.config``); the model is rebuilt with them. An option left out (``None`` for
+    ``backbone``, ``num_classes``, ``image_size``) takes the checkpoint's value, else its default
+    (``resnet101``, 80, 448, the architecture's own); an option given that contradicts the
+    checkpoint raises a ``ValueError`` naming both values, and so does a checkpoint saved from
+    another registered model. Options whose content the state dict holds (``label_embeddings``,
+    ``adjacency``) and ``backbone_weights`` are not taken from the checkpoint. Foreign checkpoints
+    carry no configuration: the options are the arguments and defaults.
     """
-    _import_models()
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
-    model = _MODELS[name](backbone=backbone, num_classes=num_classes, image_size=image_size, **cfg)
+    options = model_options(name)
+    explicit = {k: v for k, v in (("backbone", backbone), ("num_classes", num_classes),
+                                  ("image_size", image_size)) if v is not None}
+    explicit.update(cfg)
+    unknown = sorted(set(explicit) - set(options))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; its options: {sorted(options)}")
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_checkpoint(checkpoint)
+    saved: dict[str, Any] = {}
+    if checkpoint is not None and checkpoint.config is not None:
+        check_config(checkpoint, name, explicit)
+        saved = {k: v for k, v in checkpoint.config.items() if k in options and k not in STATE_OPTIONS}
+    kwargs = {**saved, **explicit}
+    for key in ("backbone", "num_classes", "image_size"):
+        kwargs.setdefault(key, options[key])
+    model = _MODELS[name](**kwargs)
     model.config = {
-        "name": name, "backbone": backbone, "num_classes": num_classes, "image_size": image_size,
+        "name": name,
         **{k: os.fspath(v) if isinstance(v, os.PathLike) else v
-           for k, v in cfg.items() if k != "backbone_weights" and _is_plain(v)},
+           for k, v in {**options, **kwargs}.items() if k != "backbone_weights" and _is_plain(v)},
     }
     if checkpoint is not None:
-        from fastmlr.checkpoint import load_checkpoint
-
         load_checkpoint(model, checkpoint)
     return model.eval()

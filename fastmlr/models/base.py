@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastmlr.backbones import backbone_spec, build_backbone
-from fastmlr.checks import check_images
+from fastmlr.checks import check_images, check_int
 from fastmlr.losses import multilabel_bce
 
 
@@ -30,9 +30,8 @@ class MLRModel(nn.Module):
         backbone_weights: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
-        if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 32 or image_size % 32:
+        num_classes = check_int(num_classes, "num_classes")
+        if check_int(image_size, "image_size", minimum=32) % 32:
             raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
         self.spec = backbone_spec(backbone)
         self.backbone_name = backbone
@@ -47,7 +46,9 @@ class MLRModel(nn.Module):
         return self.image_size // 32
 
     def check_input(self, images: torch.Tensor) -> None:
-        check_images(images, self.image_size if self.fixed_size else None)
+        weight = next(self.parameters(), None)
+        check_images(images, self.image_size if self.fixed_size else None,
+                     weight.dtype if weight is not None else None)
 
     @staticmethod
     def remap_checkpoint_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
