@@ -31,7 +31,7 @@ from torch import nn
 import fastmlr
 from fastmlr.cli import main as fastmlr_main
 from fastmlr.models.mcar import select_top_classes
-from fastmlr.testing import calibrate_batchnorm
+from fastmlr.testing import calibrate_batchnorm, stand_in_label_graph
 
 SIZE = 64
 MCAR_SIZE = 96  # 3x3 activation maps: at 2x2 torch's CPU upsampling follows no fixed formula (exact_resize)
@@ -60,7 +60,7 @@ def small_model(name: str, **cfg) -> nn.Module:
         return mcar_clear_of_tau(**cfg)
     torch.manual_seed(0)
     return calibrated(fastmlr.create_model(name, backbone="mobilenet_v2", num_classes=NUM_CLASSES,
-                                           image_size=SIZE, **cfg))
+                                           image_size=SIZE, **{**stand_in_label_graph(name), **cfg}))
 
 
 def mcar_inputs() -> list[torch.Tensor]:

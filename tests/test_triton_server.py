@@ -20,6 +20,7 @@ from torch import nn
 
 import fastmlr
 from fastmlr.cli import main as fastmlr_main
+from fastmlr.testing import stand_in_label_graph
 
 NUMPY_TO_TRITON = {np.dtype("float32"): "TYPE_FP32", np.dtype("int64"): "TYPE_INT64"}
 
@@ -49,7 +50,8 @@ def repository_model(name: str, size: int) -> nn.Module:
     if name == "mcar":
         return small_model("mcar")
     torch.manual_seed(0)
-    return calibrated(fastmlr.create_model(name, backbone="mobilenet_v2", num_classes=5, image_size=size))
+    return calibrated(fastmlr.create_model(name, backbone="mobilenet_v2", num_classes=5, image_size=size,
+                                           **stand_in_label_graph(name)))
 
 
 @pytest.mark.parametrize(("name", "size"), [("baseline", 64), ("mlgcn", 64), ("mcar", MCAR_SIZE)])
