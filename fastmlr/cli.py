@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "export": ("fastmlr.export.cli", "export a model to ONNX, a TensorRT engine or a Triton-server repository"),
     "evaluate": ("fastmlr.evaluate", "evaluate a model on COCO or VOC (mAP, CF1, OF1) with any backend"),
     "predict": ("fastmlr.predict", "predict labels for images; draw MCAR's regions"),
+    "serve": ("fastmlr.serve", "serve a model on NVIDIA Triton Inference Server with dynamic batching"),
 }
 
 
