@@ -68,6 +68,22 @@ def class_names(num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
+def check_class_names(names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """A model's class names in output order: :func:`class_names` of ``num_classes`` when ``names`` is
+    ``None``, else ``names`` checked — ``num_classes`` distinct non-empty strings (``ValueError``)."""
+    if names is None:
+        return class_names(num_classes)
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"class_names must be a sequence of non-empty strings, got {names!r}")
+    names = list(names)
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names but num_classes = {num_classes}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"class_names repeats {repeated}")
+    return names
+
+
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """The papers' test transform: resize to ``image_size``² (bilinear, aspect ratio not kept), scale
     to [0, 1], normalise with the ImageNet mean and std. PIL RGB image → float ``[3, S, S]``."""
@@ -82,14 +98,15 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image as RGB. FileNotFoundError if it does not exist, ValueError
-    naming the file if it cannot be decoded (corrupt, truncated, not an image)."""
+    naming the file if it cannot be decoded (corrupt, truncated, not an image) or declares more than
+    twice PIL's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb, refused before decoding)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
@@ -121,6 +138,20 @@ class MultiLabelImages(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def reorder_classes(self, names: Sequence[str]) -> None:
+        """Put the targets' columns in the order of ``names`` (a model's class names): afterwards
+        ``classes == list(names)`` and column ``k`` of ``targets`` is class ``names[k]``. ``ValueError``
+        naming the differences unless ``names`` holds exactly the dataset's classes."""
+        missing, extra = sorted(set(self.classes) - set(names)), sorted(set(names) - set(self.classes))
+        if missing or extra or len(names) != len(self.classes):
+            raise ValueError(
+                f"the model's classes are not the dataset's: the model lacks {missing[:8]} and has "
+                f"{extra[:8]} that the dataset lacks ({len(names)} vs {len(self.classes)} classes)"
+            )
+        order = [self.classes.index(name) for name in names]
+        self.targets = self.targets[:, order]
+        self.classes = list(names)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -165,6 +196,60 @@ def _require_dir(path: pathlib.Path, what: str) -> pathlib.Path:
     return path
 
 
+def _entries(content: dict, key: str, ann_file: pathlib.Path) -> list[dict]:
+    entries = content[key]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{ann_file}: '{key}' must be a list of objects")
+    return entries
+
+
+def _unique_ids(entries: list[dict], what: str, ann_file: pathlib.Path) -> set[int]:
+    """The ``id`` of every entry, each an int, none repeated."""
+    ids: set[int] = set()
+    for position, entry in enumerate(entries):
+        entry_id = entry.get("id")
+        if isinstance(entry_id, bool) or not isinstance(entry_id, int):
+            raise ValueError(f"{ann_file}: {what} #{position} has no integer 'id' (got {entry_id!r})")
+        if entry_id in ids:
+            raise ValueError(f"{ann_file}: {what} id {entry_id} appears twice")
+        ids.add(entry_id)
+    return ids
+
+
+def check_coco_fields(content: dict, ann_file: pathlib.Path) -> None:
+    """Every field the COCO loader reads, checked (ValueError naming the file, the entry and the
+    field): images need a unique int ``id`` and a non-empty ``file_name``; categories a unique int
+    ``id`` and a non-empty ``name``; annotations an ``image_id`` among the images and a
+    ``category_id`` among the categories. An annotation of no listed image is an error, not a skip:
+    the file is inconsistent and some image's labels would be missing."""
+    images = _entries(content, "images", ann_file)
+    categories = _entries(content, "categories", ann_file)
+    image_ids = _unique_ids(images, "image", ann_file)
+    category_ids = _unique_ids(categories, "category", ann_file)
+    for what, entries, field in (("image", images, "file_name"), ("category", categories, "name")):
+        for entry in entries:
+            if not isinstance(entry.get(field), str) or not entry[field]:
+                raise ValueError(f"{ann_file}: {what} {entry['id']} has no '{field}'")
+    orphans = []
+    for position, annotation in enumerate(_entries(content, "annotations", ann_file)):
+        name = f"annotation {annotation.get('id', f'#{position}')}"
+        for field in ("image_id", "category_id"):
+            if field not in annotation:
+                raise ValueError(f"{ann_file}: {name} has no '{field}'")
+        if annotation["category_id"] not in category_ids:
+            raise ValueError(
+                f"{ann_file}: {name} has category_id {annotation['category_id']}, which is not among the "
+                "file's categories"
+            )
+        if annotation["image_id"] not in image_ids:
+            orphans.append(f"{name} -> image_id {annotation['image_id']}")
+    if orphans:
+        raise ValueError(
+            f"{ann_file}: {len(orphans)} annotation(s) refer to no image of the file ({', '.join(orphans[:3])}): "
+            "the annotation file is inconsistent"
+        )
+
+
 def _load_coco_annotations(ann_file: pathlib.Path):
     """A pycocotools ``COCO`` index of ``ann_file`` after checking it has images, categories and
     annotations (ValueError naming the file otherwise)."""
@@ -186,6 +271,7 @@ def _load_coco_annotations(ann_file: pathlib.Path):
             raise ValueError(f"{ann_file} has no '{key}': not a COCO instances_*.json annotation file")
     if not content["categories"]:
         raise ValueError(f"{ann_file} has no categories")
+    check_coco_fields(content, ann_file)
     coco = COCO()
     coco.dataset = content
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress messages
@@ -221,12 +307,7 @@ class CocoMultiLabel(MultiLabelImages):
         image_ids = sorted(coco.getImgIds())
         targets = torch.zeros(len(image_ids), len(category_ids))
         for row, image_id in enumerate(image_ids):
-            for annotation in coco.imgToAnns[image_id]:
-                if annotation["category_id"] not in class_index:
-                    raise ValueError(
-                        f"{ann_file}: annotation {annotation['id']} has category_id "
-                        f"{annotation['category_id']}, which is not among the file's categories"
-                    )
+            for annotation in coco.imgToAnns[image_id]:  # categories checked by check_coco_fields
                 targets[row, class_index[annotation["category_id"]]] = 1.0
         classes = [coco.cats[category_id]["name"] for category_id in category_ids]
         paths = [image_dir / coco.imgs[image_id]["file_name"] for image_id in image_ids]
@@ -243,7 +324,8 @@ def check_difficult(difficult: str) -> str:
 def voc_image_target(xml_file: pathlib.Path, difficult: str = "ignore") -> torch.Tensor:
     """The ``[20]`` target of one VOC annotation file: 1 for a class with a non-difficult object;
     for a class with only ``difficult`` objects :data:`IGNORE` (``difficult="ignore"``) or 0
-    (``"negative"``); 0 for a class without objects. A missing ``<difficult>`` means 0."""
+    (``"negative"``); 0 for a class without objects. A missing ``<difficult>`` means 0; any value
+    other than 0 or 1, or an unknown class name, is a ``ValueError`` naming the file."""
     if not xml_file.is_file():
         raise FileNotFoundError(f"VOC annotation file not found: {xml_file}")
     try:
@@ -257,7 +339,10 @@ def voc_image_target(xml_file: pathlib.Path, difficult: str = "ignore") -> torch
         if name not in VOC_CLASSES:
             raise ValueError(f"{xml_file}: unknown VOC class {name!r}")
         c = VOC_CLASSES.index(name)
-        if (obj.findtext("difficult") or "0").strip() == "1":
+        flag = (obj.findtext("difficult") or "0").strip()
+        if flag not in ("0", "1"):
+            raise ValueError(f"{xml_file}: <difficult> of a {name!r} object must be 0 or 1, got {flag!r}")
+        if flag == "1":
             difficult_only[c] = True
         else:
             target[c] = 1.0

@@ -302,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, backbone=args.backbone, num_classes=num_classes, image_size=args.size,
         checkpoint=args.checkpoint,
     )
+    # Scores are matched to labels by class name: the dataset's columns follow the model's outputs.
+    dataset.reorder_classes(model.class_names)
     subset = Subset(dataset, range(min(args.limit, len(dataset)))) if args.limit else dataset
     loader = DataLoader(
         subset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skip_unreadable,

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from fastmlr.data import class_names, eval_transform, load_image
+from fastmlr.data import eval_transform, load_image
 from fastmlr.evaluate import check_positive, resolve_device
 
 # Distinct colours, one per localized class of an image (MCAR localizes topN = 4 by default).
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="registered model name (fastmlr.list_models())")
     parser.add_argument("--backbone", default="resnet101", help="resnet50 | resnet101 | mobilenet_v2")
     parser.add_argument("--size", type=int, default=448, help="input side S (images resized to S×S)")
-    parser.add_argument("--num-classes", type=int, default=80, help="80: COCO names, 20: VOC names")
+    parser.add_argument("--num-classes", type=int, default=80,
+                        help="80: COCO names, 20: VOC names (a fastmlr checkpoint carries its own)")
     parser.add_argument("--checkpoint", help="weights: a fastmlr checkpoint or a released-code one")
     parser.add_argument("--topk", type=int, default=5, help="labels printed per image")
     parser.add_argument("--out", default=".", help="directory for MCAR's region images (default: .)")
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     ).to(device)
     if args.checkpoint is None:
         print("note: no --checkpoint, the weights are random", file=sys.stderr)
-    names = class_names(args.num_classes)
+    names = model.class_names
     targets = region_image_paths(paths, pathlib.Path(args.out))
     for path, image, target in zip(paths, images, targets, strict=True):
         probs, stages = predict_image(model, image, args.size, device)

@@ -113,6 +113,8 @@ def create_model(
         **{k: os.fspath(v) if isinstance(v, os.PathLike) else v
            for k, v in {**options, **kwargs}.items() if k != "backbone_weights" and _is_plain(v)},
     }
+    if getattr(model, "class_names", None) is not None:  # the resolved names, so checkpoints carry them
+        model.config["class_names"] = list(model.class_names)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.eval()

@@ -371,6 +371,8 @@ def crop_resize(
     ``backend``: ``"auto"`` runs the Triton kernel on CUDA tensors and, on CPU, one torch
     ``F.interpolate`` per region (:func:`crop_resize_per_region`, the fastest CPU path, vectorised
     reference while exporting); ``"torch"`` the vectorised reference; ``"triton"`` the kernel.
+    Images that require grad (with grad enabled) always take the vectorised reference, the one
+    differentiable path.
 
     Raises ``ValueError`` for bad shapes/dtypes, boxes outside the image or empty, a non-positive
     ``size``, ``mean``/``std`` of the wrong length, or an ``out`` of the wrong shape, dtype, device or
@@ -385,6 +387,10 @@ def crop_resize(
         shape = (*boxes.shape[:2], images.shape[1], out_h, out_w)
         check_out(out, shape, _dtypes(images, out_dtype)[1], images.device)
     kwargs = {"mean": mean, "std": std, "out_dtype": out_dtype, "out": out}
+    if torch.is_grad_enabled() and images.requires_grad:
+        # The Triton kernel and the per-region path (aten's out= variant) have no autograd formula;
+        # the vectorised reference is made of differentiable gathers and products.
+        return crop_resize_torch(images, boxes, size, **kwargs)
     if resolve_backend("crop_resize", backend, images, boxes) == "triton":
         return _crop_resize_triton(images, boxes, size, **kwargs)
     if backend == "auto" and forced_backend() is None and not is_exporting() and images.device.type == "cpu":

@@ -42,7 +42,7 @@ import functools
 import numpy as np
 import torch
 
-from fastmlr.checks import check_threshold
+from fastmlr.checks import check_finite, check_threshold
 
 from ._dispatch import resolve_backend
 from .interval_search import interval_search_torch, is_exporting, launch_interval_search, traced_size
@@ -68,8 +68,8 @@ def image_hw(image_size: int | tuple[int, int], op: str = "localize_regions") ->
 
 
 def check_localize_inputs(cam_logits: torch.Tensor, indices: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``cam_logits`` is floating ``[B, C, h, w]`` and ``indices`` an
-    integer ``[B, N]`` tensor of class indices in ``[0, C)`` on the same device."""
+    """Raise ``ValueError`` unless ``cam_logits`` is a finite floating ``[B, C, h, w]`` tensor and
+    ``indices`` an integer ``[B, N]`` tensor of class indices in ``[0, C)`` on the same device."""
     op = "localize_regions"
     if not isinstance(cam_logits, torch.Tensor) or cam_logits.dim() != 4:
         shape = getattr(cam_logits, "shape", cam_logits)
@@ -88,6 +88,9 @@ def check_localize_inputs(cam_logits: torch.Tensor, indices: torch.Tensor) -> No
     num_classes = cam_logits.shape[1]
     if not is_exporting() and indices.numel() and not bool(((indices >= 0) & (indices < num_classes)).all()):
         raise ValueError(f"{op}: indices must lie in [0, {num_classes}), got values outside")
+    # Non-finite logits come from a broken model; their profiles would normalise to NaN and quietly
+    # give the default box (the interval search rejects such profiles too).
+    check_finite(cam_logits, f"{op}: cam_logits")
 
 
 def selected_maps(cam_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from fastmlr import create_model
 from fastmlr.checkpoint import save_checkpoint
 from fastmlr.cli import main
-from fastmlr.data import VOC_CLASSES, CocoMultiLabel
+from fastmlr.data import COCO_CLASSES, VOC_CLASSES, CocoMultiLabel
 from fastmlr.metrics import METRIC_NAMES, TOP3_NAMES, evaluate
 from fastmlr.predict import (
     PALETTE,
@@ -78,7 +78,7 @@ def test_evaluate_coco_eager_matches_direct_computation(coco_tree, tmp_path, cap
     expected = evaluate(probs, dataset.targets[readable])
     for name in METRIC_NAMES + TOP3_NAMES:
         assert report["metrics"][name] == pytest.approx(expected[name], abs=1e-9), name
-    assert report["metrics"]["AP"]["person"] == pytest.approx(expected["AP"][0])
+    assert report["metrics"]["AP"]["airplane"] == pytest.approx(expected["AP"][0])  # released order
     assert report["metrics"]["num_classes_evaluated"] == expected["num_classes_evaluated"]
     assert "eager" in stdout and "top-3" in stdout and f"{expected['mAP']:.2f}" in stdout
 
@@ -161,6 +161,51 @@ def test_evaluate_bad_input(coco_tree, capsys, extra, message):
     assert code == 1 and message in stderr
 
 
+def readable_probs(model: nn.Module, root, ann_file) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``(probs, targets, classes)`` of the readable images of ``coco_tree`` (image 4 is corrupt)."""
+    dataset = CocoMultiLabel(root / "val2014", ann_file, image_size=64)
+    readable = [i for i in range(len(dataset)) if dataset.image_ids[i] != 4]
+    with torch.no_grad():
+        probs = model(torch.stack([dataset[i][0] for i in readable]))
+    return probs, dataset.targets[readable], dataset.classes
+
+
+def test_evaluate_matches_labels_to_the_model_by_class_name(coco_tree, tmp_path, capsys):
+    root, ann_file, _ = coco_tree
+    torch.manual_seed(2)
+    model = image_dependent_model("baseline")
+    # The same weights, its outputs declared in reverse class order (zebra first): the labels follow.
+    names = list(reversed(COCO_CLASSES))
+    reversed_model = create_model("baseline", **SMALL_MODEL, class_names=names)
+    reversed_model.load_state_dict(model.state_dict())
+    checkpoint, out = tmp_path / "reversed.pt", tmp_path / "reversed.json"
+    save_checkpoint(reversed_model, checkpoint)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        code, _, stderr = run_cli(
+            ["evaluate", "--model", "baseline", *SMALL, "--checkpoint", str(checkpoint), "--data", "coco",
+             "--root", str(root), "--workers", "0", "--out", str(out)],
+            capsys,
+        )
+    assert code == 0, stderr
+    report = json.loads(out.read_text())["metrics"]
+    probs, targets, classes = readable_probs(model, root, ann_file)
+    expected = evaluate(probs, targets[:, [classes.index(name) for name in names]])
+    assert report["AP"] == pytest.approx(dict(zip(names, expected["AP"], strict=True)))
+    assert report["mAP"] == pytest.approx(expected["mAP"])
+
+
+def test_evaluate_refuses_a_checkpoint_of_other_classes(coco_tree, tmp_path, capsys):
+    names = [*COCO_CLASSES[:-1], "okapi"]
+    checkpoint = tmp_path / "okapi.pt"
+    save_checkpoint(create_model("baseline", **SMALL_MODEL, class_names=names), checkpoint)
+    code, _, stderr = run_cli(
+        ["evaluate", "--model", "baseline", *SMALL, "--checkpoint", str(checkpoint), "--data", "coco",
+         "--root", str(coco_tree[0]), "--workers", "0"],
+        capsys,
+    )
+    assert code == 1 and "lacks ['zebra']" in stderr and "has ['okapi']" in stderr
+
+
 def test_evaluate_annotation_file_without_annotations(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     ann = tmp_path / "image_info_test2014.json"
@@ -218,6 +263,26 @@ def test_predict_baseline_prints_voc_names(shared_images, tmp_path, capsys):
     assert lines[0].startswith(str(shared_images[0]))
     assert len(lines) == 4 and all(line.split()[0] in VOC_CLASSES for line in lines[1:])
     assert not list(tmp_path.iterdir())  # no regions to draw for a baseline
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [({"num_classes": 80}, "airplane"),  # output 0 of COCO's released order (category-id order: person)
+     ({"num_classes": 3, "class_names": ["cat", "okapi", "dog"]}, "okapi")],  # a checkpoint's own names
+)
+def test_predict_names_are_the_models(shared_images, tmp_path, capsys, options, expected):
+    model = create_model("baseline", backbone="mobilenet_v2", image_size=64, **options)
+    with torch.no_grad():
+        model.convclass.bias[model.class_names.index(expected)] = 50.0
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(model, checkpoint)
+    code, stdout, stderr = run_cli(
+        ["predict", str(shared_images[0]), "--model", "baseline", *SMALL, "--num-classes",
+         str(options["num_classes"]), "--checkpoint", str(checkpoint), "--topk", "1"],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert stdout.splitlines()[1].split() == [expected, "1.000"]
 
 
 def test_predict_mcar_writes_region_png(shared_images, tmp_path, capsys):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fastmlr.backbones import backbone_spec, build_backbone
 from fastmlr.checks import check_images, check_int
+from fastmlr.data import check_class_names
 from fastmlr.losses import multilabel_bce
 
 
@@ -28,6 +30,7 @@ class MLRModel(nn.Module):
         num_classes: int = 80,
         image_size: int = 448,
         backbone_weights: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         num_classes = check_int(num_classes, "num_classes")
@@ -36,6 +39,9 @@ class MLRModel(nn.Module):
         self.spec = backbone_spec(backbone)
         self.backbone_name = backbone
         self.num_classes = int(num_classes)
+        #: Output ``k`` is class ``class_names[k]``; default :func:`fastmlr.data.class_names` (COCO's
+        #: 80 in the released codes' order, VOC's 20). Saved in fastmlr checkpoints' configuration.
+        self.class_names = check_class_names(class_names, self.num_classes)
         self.image_size = int(image_size)
         self.features = build_backbone(backbone, backbone_weights)
         self.config: dict = {}
