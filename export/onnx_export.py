@@ -11,7 +11,7 @@ which is why every export is validated on real and random inputs before it is ke
 Models with a ``forward_stages`` method (MCAR) are exported as one graph, global-to-local step
 included, with outputs ``(probs, boxes, indices)``; every other model has one output, ``probs``.
 Export runs the kernels on torch (``use_backend("torch")``); while the exporter traces, the kernels
-switch to their trace-safe forms themselves (``fastmlr.kernels.interval_search.is_exporting``: the fused
+switch to their trace-safe forms themselves (``fastmlr.kernels._utils.is_exporting``: the fused
 attention ops leave their in-place, block-looping ``autograd.Function`` paths; image sizes read from
 traced shapes are taken as ints). MCAR's global-to-local ops are written without loops,
 data-dependent shapes or batch-sized constants, so they trace into static ONNX whose batch axis can
@@ -37,6 +37,7 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from fastmlr.runtime import ort_session
+from fastmlr.checks import check_image_size
 
 from .tensorrt_ops import tensorrt_op_support
 from .validation import (
@@ -92,12 +93,6 @@ def model_name(model: nn.Module) -> str:
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def check_image_size(image_size: int) -> None:
-    """``ValueError`` unless ``image_size`` is a positive multiple of 32 (the backbones' stride)."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
-        raise ValueError(f"image size must be a positive multiple of 32 (the backbones' stride), got {image_size}")
 
 
 def check_export_args(model: nn.Module, image_size: int, batch: int, opset: int) -> None:

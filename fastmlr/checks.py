@@ -10,6 +10,25 @@ import tempfile
 
 import torch
 
+#: The backbones' total stride: image heights and widths are positive multiples of it.
+BACKBONE_STRIDE = 32
+
+
+def is_exporting() -> bool:
+    """True while torch.jit / dynamo / torch.export traces the code (a value check would break tracing)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def check_image_size(image_size: object, name: str = "image size") -> int:
+    """``image_size`` as an int, which must be a positive multiple of :data:`BACKBONE_STRIDE`;
+    ``ValueError`` naming ``name`` otherwise (a bool, float or string is not an image size)."""
+    valid = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+    if not valid or image_size < BACKBONE_STRIDE or image_size % BACKBONE_STRIDE:
+        raise ValueError(
+            f"{name} must be a positive multiple of {BACKBONE_STRIDE} (the backbones' stride), got {image_size!r}"
+        )
+    return int(image_size)
+
 
 def check_images(
     images: torch.Tensor, image_size: int | None = None, weight_dtype: torch.dtype | None = None
@@ -40,19 +59,18 @@ def check_images(
         raise ValueError("images is an empty batch (B = 0)")
     if c != 3:
         raise ValueError(f"images must have 3 channels, got {c} (shape {tuple(images.shape)})")
-    if h % 32 or w % 32 or h == 0 or w == 0:
-        raise ValueError(f"image height and width must be positive multiples of 32, got {h}x{w}")
+    if h % BACKBONE_STRIDE or w % BACKBONE_STRIDE or h == 0 or w == 0:
+        raise ValueError(f"image height and width must be positive multiples of {BACKBONE_STRIDE}, got {h}x{w}")
     if image_size is not None and (h, w) != (image_size, image_size):
         raise ValueError(f"this model is built for {image_size}x{image_size} images, got {h}x{w}")
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if not tracing and not torch.isfinite(images).all():  # a value check cannot be traced or exported
+    if not is_exporting() and not torch.isfinite(images).all():  # a value check cannot be traced or exported
         raise ValueError("images contain NaN or infinite values")
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """``ValueError`` naming ``what`` when a floating ``tensor`` holds NaN or infinite values (skipped
     while tracing for export or compile, where a value check cannot run)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or not tensor.is_floating_point():
+    if is_exporting() or not tensor.is_floating_point():
         return
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())

@@ -1,7 +1,7 @@
 """fastmlr.kernels — the hot paths of multi-label recognition, each a Triton kernel beside its torch
 reference, behind one dispatcher (``backend="auto" | "torch" | "triton"``, :func:`use_backend`)."""
 
-from ._dispatch import BACKENDS, interpreter_enabled, resolve_backend, triton_available, use_backend
+from ._dispatch import BACKENDS, interpreter_enabled, resolve_backend, use_backend
 from .category_attention import (
     softmax_attention_pool,
     softmax_attention_pool_reference,
@@ -19,7 +19,6 @@ __all__ = [
     "BACKENDS",
     "interpreter_enabled",
     "resolve_backend",
-    "triton_available",
     "use_backend",
     "crop_resize",
     "interval_search",

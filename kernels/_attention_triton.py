@@ -1,8 +1,8 @@
 """Triton kernels of the per-category attention ops (:mod:`.category_attention`, :mod:`.lift_attention`).
 
-Imported lazily, on the first Triton call: ``@triton.jit`` picks compiled or interpreted execution
-from ``TRITON_INTERPRET`` when it decorates, so importing :mod:`fastmlr.kernels` neither needs triton
-nor freezes that choice. The launch wrappers take validated, contiguous tensors (the public
+Defined at import, like every kernel in :mod:`fastmlr.kernels` (``@triton.jit`` picks compiled or
+interpreted execution from ``TRITON_INTERPRET`` as it decorates, so set that variable before
+importing :mod:`fastmlr.kernels`). The launch wrappers take validated, contiguous tensors (the public
 functions check them) and accumulate in fp32 whatever the input dtype.
 
 Every kernel tiles the output and reduces over the remaining axis in registers, so the

@@ -1,12 +1,22 @@
 """Backend selection shared by every dispatching op in ``fastmlr.kernels``.
 
-Each op takes ``backend="auto" | "torch" | "triton"``:
+Each op takes ``backend="auto" | "torch" | "triton"``, with one meaning for every op:
 
-- ``"auto"`` runs the Triton kernel when every tensor is on CUDA and triton imports, else torch;
-- ``"torch"`` runs the torch reference (the test oracle);
-- ``"triton"`` runs the Triton kernel. Triton needs CUDA tensors, or CPU tensors with
-  ``TRITON_INTERPRET=1`` set before triton is first imported (how CI tests the kernels). When it
-  cannot run, the op falls back to torch and says so once per op through :mod:`logging`.
+- ``"torch"`` runs the op's PyTorch path: plain torch ops on any device, differentiable, and what the
+  exporters trace. It computes the op's exact semantics — the G-to-L ops' ``*_torch`` functions are
+  their reference; the attention ops evaluate their ``*_reference`` formula in (batch, class) chunks
+  of bounded memory, equal to it up to floating-point summation order.
+- ``"triton"`` runs the op's Triton kernel. Triton needs CUDA tensors, or CPU tensors with
+  ``TRITON_INTERPRET=1`` set before :mod:`fastmlr.kernels` is imported (how CI tests the kernels).
+  When it cannot run, the op falls back to ``"torch"`` and says so once per op through :mod:`logging`.
+- ``"auto"`` runs the Triton kernel when every tensor is on CUDA; otherwise the op's fastest CPU
+  path, which is the ``"torch"`` path for every op but :func:`~fastmlr.kernels.crop_resize` (one torch
+  bilinear call per region, bit-identical to the released code). ``fastmlr.export`` traces every op
+  under ``use_backend("torch")``; the attention ops also take their ``"torch"`` path by themselves
+  while any tracer runs (:func:`~fastmlr.kernels._utils.is_exporting`).
+
+``*_reference`` / ``*_torch`` functions are the test oracles: the formula as written, not dispatched.
+Each op's docstring lists its paths.
 
 ``use_backend(name)`` forces one backend for every dispatching op inside the ``with`` block, whatever
 the ``backend=`` argument says (benchmarks and parity tests use it).
@@ -16,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -27,16 +36,6 @@ BACKENDS = ("auto", "torch", "triton")
 logger = logging.getLogger("fastmlr.kernels")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmlr_backend", default=None)
 _warned: set[str] = set()
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when ``import triton`` works."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return True
 
 
 def interpreter_enabled() -> bool:
@@ -63,8 +62,6 @@ def forced_backend() -> str | None:
 
 def _triton_can_run(tensors: tuple[torch.Tensor, ...]) -> str | None:
     """``None`` when Triton can run on ``tensors``, else the reason it cannot."""
-    if not triton_available():
-        return "triton is not importable (pip install triton)"
     devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
         return None

@@ -24,7 +24,7 @@ Backends (``backend="auto" | "torch" | "triton"``, resolved by
   ``softmax(s) @ F``, which never needs a ``[B, C, HW, D]`` tensor in the first place.
 
 While an exporter traces (``torch.jit`` / ``torch.onnx.export`` / ``torch.export`` / ``torch.compile``:
-:func:`~fastmlr.kernels.interval_search.is_exporting`), every op runs plain out-of-place torch outside
+:func:`~fastmlr.kernels._utils.is_exporting`), every op runs plain out-of-place torch outside
 any ``torch.autograd.Function``, whatever the backend: the scores and the max pool the chunked path's
 arithmetic on the whole batch in one block, the softmax pool its torch path. The chunked path's
 in-place block writes would be dropped by the ONNX exporter (the op would become a constant) and its
@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import torch
 
+from ._attention_triton import softmax_attention_pool_triton, srdl_max_pool_triton, tanh_attention_scores_triton
 from ._dispatch import resolve_backend
-from .interval_search import is_exporting
+from ._utils import check_same_device_dtype, check_tensor, is_exporting
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -62,29 +63,8 @@ DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks and chunking (shared by every op here and by lift_attention.py)
+# Chunking (shared by every op here)
 # ---------------------------------------------------------------------------------------------
-
-
-def check_tensor(op: str, name: str, tensor: object, shape: tuple[int | None, ...]) -> None:
-    """Raise ``ValueError`` unless ``tensor`` is a floating tensor of ``shape`` (``None`` = any size)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise ValueError(f"{op}: {name} must be a floating tensor, got dtype {tensor.dtype}")
-    expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    sizes_differ = any(s is not None and s != t for s, t in zip(shape, tensor.shape, strict=False))
-    if tensor.dim() != len(shape) or sizes_differ:
-        raise ValueError(f"{op}: {name} must have shape {expected}, got {list(tensor.shape)}")
-
-
-def check_same_device_dtype(op: str, **tensors: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless all ``tensors`` share one device and one dtype."""
-    devices = {t.device for t in tensors.values()}
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(devices) > 1 or len(dtypes) > 1:
-        found = ", ".join(f"{n}: {t.dtype} on {t.device}" for n, t in tensors.items())
-        raise ValueError(f"{op}: tensors must share one device and dtype, got {found}")
 
 
 def check_chunk_bytes(op: str, max_chunk_bytes: int) -> None:
@@ -189,8 +169,6 @@ class _TanhAttentionScores(torch.autograd.Function):
         ctx.max_chunk_bytes = max_chunk_bytes
         bias = bias.reshape(())
         if backend == "triton":
-            from ._attention_triton import tanh_attention_scores_triton
-
             return tanh_attention_scores_triton(P, Q, w, bias)
         return _tanh_scores_chunked(P, Q, w, bias, max_chunk_bytes)
 
@@ -308,8 +286,6 @@ class _SrdlMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, F, SA, CA, backend: str, max_chunk_bytes: int, with_argmax: bool):  # noqa: ANN001
         if backend == "triton":
-            from ._attention_triton import srdl_max_pool_triton
-
             out, argmax = srdl_max_pool_triton(F, SA, CA, with_argmax)
         else:
             out, argmax = _srdl_max_chunked(F, SA, CA, max_chunk_bytes, with_argmax)
@@ -383,8 +359,6 @@ class _SoftmaxAttentionPoolTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, F, s):  # noqa: ANN001
-        from ._attention_triton import softmax_attention_pool_triton
-
         ctx.save_for_backward(F, s)
         return softmax_attention_pool_triton(F, s)
 

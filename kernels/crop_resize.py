@@ -31,15 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from ._dispatch import forced_backend, interpreter_enabled, resolve_backend
-from .interval_search import is_exporting, traced_size
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+from ._utils import is_exporting, size_pair
 
 __all__ = ["crop_resize", "crop_resize_per_region", "crop_resize_torch"]
 
@@ -47,13 +43,8 @@ OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def output_hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    """``(sh, sw)`` from an int or a pair of positive ints; traced sizes are read as ints
-    (:func:`~.interval_search.traced_size`)."""
-    size = traced_size(size)
-    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair):
-        raise ValueError(f"crop_resize: size must be a positive int or (height, width) of them, got {size!r}")
-    return pair  # type: ignore[return-value]
+    """``(sh, sw)`` from an int or a pair of positive ints (:func:`~._utils.size_pair`)."""
+    return size_pair(size, "crop_resize", "size")
 
 
 def check_crop_inputs(images: torch.Tensor, boxes: torch.Tensor) -> None:
@@ -228,83 +219,81 @@ def crop_resize_per_region(
     return _into(_normalise_and_cast(target, mean, std, out_dtype), out)
 
 
-if triton is not None:
+@triton.jit
+def _round_to_bfloat16(value):
+    """float32 rounded to the nearest bfloat16 (ties to even), still float32, so the later cast is
+    exact whatever rounding it uses (Triton's CPU interpreter truncates float32 → bfloat16)."""
+    bits = value.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _round_to_bfloat16(value):
-        """float32 rounded to the nearest bfloat16 (ties to even), still float32, so the later cast is
-        exact whatever rounding it uses (Triton's CPU interpreter truncates float32 → bfloat16)."""
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _crop_resize_kernel(
-        images_ptr,
-        boxes_ptr,
-        scales_ptr,
-        mean_ptr,
-        std_ptr,
-        out_ptr,
-        n_boxes,
-        channels,
-        out_h,
-        out_w,
-        stride_b,
-        stride_c,
-        stride_h,
-        stride_w,
-        HAS_MEAN: tl.constexpr,
-        HAS_STD: tl.constexpr,
-        COMPUTE: tl.constexpr,
-        ROUND_BF16: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """Program (box, pixel tile): bilinear samples of one box for ``BLOCK`` output pixels, every
-        channel; ``out`` is ``[B, N, Ch, sh, sw]`` contiguous."""
-        box = tl.program_id(0).to(tl.int64)
-        image = box // n_boxes
-        x1 = tl.load(boxes_ptr + box * 4)
-        y1 = tl.load(boxes_ptr + box * 4 + 1)
-        x2 = tl.load(boxes_ptr + box * 4 + 2)
-        y2 = tl.load(boxes_ptr + box * 4 + 3)
-        scale_h = tl.load(scales_ptr + box * 2)
-        scale_w = tl.load(scales_ptr + box * 2 + 1)
-        pixel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = pixel < out_h * out_w
-        row = pixel // out_w
-        col = pixel % out_w
-        real_y = scale_h * row.to(COMPUTE)
-        off_y = real_y.to(tl.int32)
-        h1l = real_y - off_y.to(COMPUTE)
-        h0l = 1.0 - h1l
-        real_x = scale_w * col.to(COMPUTE)
-        off_x = real_x.to(tl.int32)
-        w1l = real_x - off_x.to(COMPUTE)
-        w0l = 1.0 - w1l
-        top = (y1 + off_y) * stride_h
-        bottom = (y1 + off_y + tl.where(off_y < y2 - y1 - 1, 1, 0)) * stride_h
-        left = (x1 + off_x) * stride_w
-        right = (x1 + off_x + tl.where(off_x < x2 - x1 - 1, 1, 0)) * stride_w
-        out = out_ptr + box * channels * out_h * out_w + pixel
-        for c in range(channels):
-            base = images_ptr + image * stride_b + c * stride_c
-            v00 = tl.load(base + top + left, mask=ok, other=0).to(COMPUTE)
-            v01 = tl.load(base + top + right, mask=ok, other=0).to(COMPUTE)
-            v10 = tl.load(base + bottom + left, mask=ok, other=0).to(COMPUTE)
-            v11 = tl.load(base + bottom + right, mask=ok, other=0).to(COMPUTE)
-            value = h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
-            if HAS_MEAN:
-                value = value - tl.load(mean_ptr + c)
-            if HAS_STD:
-                std_c = tl.load(std_ptr + c)
-                if COMPUTE == tl.float32:
-                    value = tl.math.div_rn(value, tl.zeros_like(value) + std_c)
-                else:
-                    value = value / std_c
-            if ROUND_BF16:
-                value = _round_to_bfloat16(value)
-            tl.store(out + c * out_h * out_w, value.to(out_ptr.dtype.element_ty), mask=ok)
+@triton.jit
+def _crop_resize_kernel(
+    images_ptr,
+    boxes_ptr,
+    scales_ptr,
+    mean_ptr,
+    std_ptr,
+    out_ptr,
+    n_boxes,
+    channels,
+    out_h,
+    out_w,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    HAS_MEAN: tl.constexpr,
+    HAS_STD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (box, pixel tile): bilinear samples of one box for ``BLOCK`` output pixels, every
+    channel; ``out`` is ``[B, N, Ch, sh, sw]`` contiguous."""
+    box = tl.program_id(0).to(tl.int64)
+    image = box // n_boxes
+    x1 = tl.load(boxes_ptr + box * 4)
+    y1 = tl.load(boxes_ptr + box * 4 + 1)
+    x2 = tl.load(boxes_ptr + box * 4 + 2)
+    y2 = tl.load(boxes_ptr + box * 4 + 3)
+    scale_h = tl.load(scales_ptr + box * 2)
+    scale_w = tl.load(scales_ptr + box * 2 + 1)
+    pixel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = pixel < out_h * out_w
+    row = pixel // out_w
+    col = pixel % out_w
+    real_y = scale_h * row.to(COMPUTE)
+    off_y = real_y.to(tl.int32)
+    h1l = real_y - off_y.to(COMPUTE)
+    h0l = 1.0 - h1l
+    real_x = scale_w * col.to(COMPUTE)
+    off_x = real_x.to(tl.int32)
+    w1l = real_x - off_x.to(COMPUTE)
+    w0l = 1.0 - w1l
+    top = (y1 + off_y) * stride_h
+    bottom = (y1 + off_y + tl.where(off_y < y2 - y1 - 1, 1, 0)) * stride_h
+    left = (x1 + off_x) * stride_w
+    right = (x1 + off_x + tl.where(off_x < x2 - x1 - 1, 1, 0)) * stride_w
+    out = out_ptr + box * channels * out_h * out_w + pixel
+    for c in range(channels):
+        base = images_ptr + image * stride_b + c * stride_c
+        v00 = tl.load(base + top + left, mask=ok, other=0).to(COMPUTE)
+        v01 = tl.load(base + top + right, mask=ok, other=0).to(COMPUTE)
+        v10 = tl.load(base + bottom + left, mask=ok, other=0).to(COMPUTE)
+        v11 = tl.load(base + bottom + right, mask=ok, other=0).to(COMPUTE)
+        value = h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
+        if HAS_MEAN:
+            value = value - tl.load(mean_ptr + c)
+        if HAS_STD:
+            std_c = tl.load(std_ptr + c)
+            if COMPUTE == tl.float32:
+                value = tl.math.div_rn(value, tl.zeros_like(value) + std_c)
+            else:
+                value = value / std_c
+        if ROUND_BF16:
+            value = _round_to_bfloat16(value)
+        tl.store(out + c * out_h * out_w, value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _crop_resize_triton(images, boxes, size, *, mean=None, std=None, out_dtype=None, out=None) -> torch.Tensor:

@@ -26,41 +26,17 @@ crossing > j).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from fastmlr.checks import check_threshold
 
 from ._dispatch import resolve_backend
-
-try:  # Triton is optional: without it the dispatcher always resolves to torch.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+from ._utils import is_exporting
 
 __all__ = ["interval_search", "interval_search_torch", "normalize_profiles"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def is_exporting() -> bool:
-    """True while torch.jit / dynamo / torch.export traces the op (value checks would break tracing)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
-def traced_size(size: object) -> object:
-    """``size`` with the traced sizes made ints: while :func:`is_exporting`, a 0-dim integer tensor
-    (what ``tensor.shape`` entries are under ``torch.jit``'s tracer), alone or in a tuple/list, becomes
-    a Python int, fixed in the traced graph (fastmlr's exports fix the image size; only the batch axis
-    is dynamic). Anything else, and everything outside tracing, is returned unchanged, for the size
-    checks to judge."""
-    if not is_exporting():
-        return size
-
-    def as_int(value: object) -> object:
-        traced = isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
-        return int(value) if traced and value.dtype != torch.bool else value
-
-    return type(size)(as_int(v) for v in size) if isinstance(size, (tuple, list)) else as_int(size)
 
 
 def check_profiles(profiles: torch.Tensor, threshold: float, op: str = "interval_search") -> None:
@@ -148,111 +124,109 @@ def interval_search_torch(profiles: torch.Tensor, threshold: float = 0.5) -> tor
     return search_normalized(normalize_profiles(profiles), threshold)
 
 
-if triton is not None:
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
 
-    @triton.jit
-    def _max_combine(a, b):
-        return tl.maximum(a, b)
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
 
-    @triton.jit
-    def _min_combine(a, b):
-        return tl.minimum(a, b)
+@triton.jit
+def _load_profile(base, offsets, length, COMPUTE: tl.constexpr):
+    """The profile at ``offsets`` in the compute dtype (−inf where ``offsets >= length``)."""
+    return tl.load(base + offsets, mask=offsets < length, other=float("-inf")).to(COMPUTE)
 
-    @triton.jit
-    def _load_profile(base, offsets, length, COMPUTE: tl.constexpr):
-        """The profile at ``offsets`` in the compute dtype (−inf where ``offsets >= length``)."""
-        return tl.load(base + offsets, mask=offsets < length, other=float("-inf")).to(COMPUTE)
+@triton.jit
+def _divide(numerator, denominator, COMPUTE: tl.constexpr):
+    """IEEE division rounded to nearest, as torch (float32 ``/`` in Triton may be approximate)."""
+    if COMPUTE == tl.float32:
+        return tl.math.div_rn(numerator, denominator)
+    else:
+        return numerator / denominator
 
-    @triton.jit
-    def _divide(numerator, denominator, COMPUTE: tl.constexpr):
-        """IEEE division rounded to nearest, as torch (float32 ``/`` in Triton may be approximate)."""
-        if COMPUTE == tl.float32:
-            return tl.math.div_rn(numerator, denominator)
-        else:
-            return numerator / denominator
+@triton.jit
+def _normalize(value, s_min, s_max, COMPUTE: tl.constexpr):
+    """Doc §2."""
+    flat = _divide(value, tl.zeros_like(value) + s_max, COMPUTE)
+    spread = _divide(value - s_min, tl.zeros_like(value) + (s_max - s_min), COMPUTE)
+    return tl.where(s_max == s_min, flat, spread)
 
-    @triton.jit
-    def _normalize(value, s_min, s_max, COMPUTE: tl.constexpr):
-        """Doc §2."""
-        flat = _divide(value, tl.zeros_like(value) + s_max, COMPUTE)
-        spread = _divide(value - s_min, tl.zeros_like(value) + (s_max - s_min), COMPUTE)
-        return tl.where(s_max == s_min, flat, spread)
+@triton.jit
+def _sign(s, tau):
+    return (s > tau).to(tl.int32) - (s < tau).to(tl.int32)
 
-    @triton.jit
-    def _sign(s, tau):
-        return (s > tau).to(tl.int32) - (s < tau).to(tl.int32)
+@triton.jit
+def search_profile(base, length, tau, out_lo, out_hi, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """Doc §2–§3 on the profile at ``base`` (``length`` values); stores ``start`` at ``out_lo`` and
+    ``end`` at ``out_hi``."""
+    j = tl.arange(0, BLOCK)
+    valid = j < length
+    raw0 = _load_profile(base, j, length, COMPUTE)
+    raw1 = _load_profile(base, j + 1, length, COMPUTE)
+    raw2 = _load_profile(base, j + 2, length, COMPUTE)
+    s_max = tl.max(raw0, axis=0)
+    s_min = tl.min(tl.where(valid, raw0, float("inf")), axis=0)
+    s0 = _normalize(raw0, s_min, s_max, COMPUTE)
+    s1 = _normalize(raw1, s_min, s_max, COMPUTE)
+    s2 = _normalize(raw2, s_min, s_max, COMPUTE)
+    sign0 = _sign(s0, tau)
+    sign1 = _sign(s1, tau)
+    sign2 = _sign(s2, tau)
+    cross_here = (tl.abs(sign1 - sign0) == 2) & (j + 1 < length)  # crossing at j
+    cross_next = (tl.abs(sign2 - sign1) == 2) & (j + 2 < length)  # crossing at j + 1
+    n_cross = tl.sum(cross_here.to(tl.int32), axis=0)
+    segment = tl.cumsum(cross_here.to(tl.int32), axis=0)
+    start = tl.associative_scan(tl.where(cross_here, j, 0), 0, _max_combine)
+    end = tl.associative_scan(tl.where(cross_next, j + 1, length), 0, _min_combine, reverse=True)
+    rank = tl.where(segment == 0, 0, tl.where(segment == n_cross, 1, segment + 1))
+    peak = tl.max(tl.where(valid, s0, float("-inf")), axis=0)
+    at_peak = valid & (s0 == peak)
+    key = tl.where(at_peak, (end - start).to(tl.int64) * (length + 2) + (length + 1 - rank), -1)
+    best = tl.max(key, axis=0)
+    lo = tl.min(tl.where(key == best, start, length), axis=0)
+    hi = tl.min(tl.where(key == best, end, length), axis=0)
+    # Minimum size: three sequential checks (doc §3).
+    minsize = (length + 7) // 8
+    pad = minsize - (hi - lo)
+    half = (pad + 1) // 2
+    applies = hi - lo <= minsize
+    grow = applies & (lo > half) & (length - hi > pad)
+    lo, hi = tl.where(grow, lo - half + 1, lo), tl.where(grow, hi + half, hi)
+    at_start = applies & (lo < half)
+    lo, hi = tl.where(at_start, 0, lo), tl.where(at_start, minsize, hi)
+    at_end = applies & (length - hi < half)
+    lo, hi = tl.where(at_end, length - minsize + 1, lo), tl.where(at_end, length, hi)
+    lo = tl.where(n_cross == 0, (length + 7) // 8, lo)
+    hi = tl.where(n_cross == 0, (7 * length + 7) // 8, hi)
+    tl.store(out_lo, lo.to(tl.int64))
+    tl.store(out_hi, hi.to(tl.int64))
 
-    @triton.jit
-    def search_profile(base, length, tau, out_lo, out_hi, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
-        """Doc §2–§3 on the profile at ``base`` (``length`` values); stores ``start`` at ``out_lo`` and
-        ``end`` at ``out_hi``."""
-        j = tl.arange(0, BLOCK)
-        valid = j < length
-        raw0 = _load_profile(base, j, length, COMPUTE)
-        raw1 = _load_profile(base, j + 1, length, COMPUTE)
-        raw2 = _load_profile(base, j + 2, length, COMPUTE)
-        s_max = tl.max(raw0, axis=0)
-        s_min = tl.min(tl.where(valid, raw0, float("inf")), axis=0)
-        s0 = _normalize(raw0, s_min, s_max, COMPUTE)
-        s1 = _normalize(raw1, s_min, s_max, COMPUTE)
-        s2 = _normalize(raw2, s_min, s_max, COMPUTE)
-        sign0 = _sign(s0, tau)
-        sign1 = _sign(s1, tau)
-        sign2 = _sign(s2, tau)
-        cross_here = (tl.abs(sign1 - sign0) == 2) & (j + 1 < length)  # crossing at j
-        cross_next = (tl.abs(sign2 - sign1) == 2) & (j + 2 < length)  # crossing at j + 1
-        n_cross = tl.sum(cross_here.to(tl.int32), axis=0)
-        segment = tl.cumsum(cross_here.to(tl.int32), axis=0)
-        start = tl.associative_scan(tl.where(cross_here, j, 0), 0, _max_combine)
-        end = tl.associative_scan(tl.where(cross_next, j + 1, length), 0, _min_combine, reverse=True)
-        rank = tl.where(segment == 0, 0, tl.where(segment == n_cross, 1, segment + 1))
-        peak = tl.max(tl.where(valid, s0, float("-inf")), axis=0)
-        at_peak = valid & (s0 == peak)
-        key = tl.where(at_peak, (end - start).to(tl.int64) * (length + 2) + (length + 1 - rank), -1)
-        best = tl.max(key, axis=0)
-        lo = tl.min(tl.where(key == best, start, length), axis=0)
-        hi = tl.min(tl.where(key == best, end, length), axis=0)
-        # Minimum size: three sequential checks (doc §3).
-        minsize = (length + 7) // 8
-        pad = minsize - (hi - lo)
-        half = (pad + 1) // 2
-        applies = hi - lo <= minsize
-        grow = applies & (lo > half) & (length - hi > pad)
-        lo, hi = tl.where(grow, lo - half + 1, lo), tl.where(grow, hi + half, hi)
-        at_start = applies & (lo < half)
-        lo, hi = tl.where(at_start, 0, lo), tl.where(at_start, minsize, hi)
-        at_end = applies & (length - hi < half)
-        lo, hi = tl.where(at_end, length - minsize + 1, lo), tl.where(at_end, length, hi)
-        lo = tl.where(n_cross == 0, (length + 7) // 8, lo)
-        hi = tl.where(n_cross == 0, (7 * length + 7) // 8, hi)
-        tl.store(out_lo, lo.to(tl.int64))
-        tl.store(out_hi, hi.to(tl.int64))
-
-    @triton.jit
-    def _interval_search_kernel(
-        profiles_ptr,
-        tau_ptr,
-        out_ptr,
+@triton.jit
+def _interval_search_kernel(
+    profiles_ptr,
+    tau_ptr,
+    out_ptr,
+    length,
+    stride_profile,
+    out_stride_profile,
+    out_stride_pair,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """One program per profile; ``tau`` is read in the compute dtype."""
+    pid = tl.program_id(0).to(tl.int64)
+    tau = tl.load(tau_ptr)
+    out = out_ptr + pid * out_stride_profile
+    search_profile(
+        profiles_ptr + pid * stride_profile,
         length,
-        stride_profile,
-        out_stride_profile,
-        out_stride_pair,
-        BLOCK: tl.constexpr,
-        COMPUTE: tl.constexpr,
-    ):
-        """One program per profile; ``tau`` is read in the compute dtype."""
-        pid = tl.program_id(0).to(tl.int64)
-        tau = tl.load(tau_ptr)
-        out = out_ptr + pid * out_stride_profile
-        search_profile(
-            profiles_ptr + pid * stride_profile,
-            length,
-            tau,
-            out,
-            out + out_stride_pair,
-            BLOCK,
-            COMPUTE,
-        )
+        tau,
+        out,
+        out + out_stride_pair,
+        BLOCK,
+        COMPUTE,
+    )
 
 
 def launch_interval_search(

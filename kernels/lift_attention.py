@@ -17,7 +17,7 @@ CBAM) without saying whether its layers have biases; ``b1``/``b2`` may be tensor
 Backends: ``"torch"`` forms ``A`` with one matmul (``[B, C, HW]``, small: no chunking needed) and
 pools it; ``"triton"`` computes the pooled statistics in a kernel that tiles ``A = L F^T`` in
 registers and reduces it on the fly, never writing ``A``. Its backward recomputes in torch. While an
-exporter traces (:func:`~fastmlr.kernels.interval_search.is_exporting`) the torch path runs whatever
+exporter traces (:func:`~fastmlr.kernels._utils.is_exporting`) the torch path runs whatever
 the backend: its plain ops trace, the Triton kernel's ``torch.autograd.Function`` does not.
 """
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-from .category_attention import check_same_device_dtype, check_tensor
-from .interval_search import is_exporting
+from ._utils import check_same_device_dtype, check_tensor, is_exporting
+from ._attention_triton import lift_stats_triton
 
 __all__ = ["lift_attention_pool", "lift_attention_pool_reference"]
 
@@ -66,8 +66,6 @@ class _LiftStatsTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, L, F):  # noqa: ANN001
-        from ._attention_triton import lift_stats_triton
-
         avg, mx, argmax = lift_stats_triton(L, F)
         ctx.save_for_backward(L, F, argmax)
         return avg, mx

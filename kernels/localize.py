@@ -41,30 +41,22 @@ import functools
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 from fastmlr.checks import check_finite, check_threshold
 
 from ._dispatch import resolve_backend
-from .interval_search import interval_search_torch, is_exporting, launch_interval_search, traced_size
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+from ._utils import is_exporting, size_pair
+from .interval_search import interval_search_torch, launch_interval_search
 
 __all__ = ["axis_sampling", "localize_regions", "localize_regions_torch", "max_marginals", "selected_maps"]
 
 
 def image_hw(image_size: int | tuple[int, int], op: str = "localize_regions") -> tuple[int, int]:
-    """``(H, W)`` from an int or a pair of ints, each >= 2 (a profile needs two samples); traced sizes
-    are read as ints (:func:`~.interval_search.traced_size`)."""
-    image_size = traced_size(image_size)
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size) \
-        if isinstance(image_size, (tuple, list)) else ()
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in size):
-        raise ValueError(f"{op}: image_size must be an int or (H, W) of ints >= 2, got {image_size!r}")
-    return size  # type: ignore[return-value]
+    """``(H, W)`` from an int or a pair of ints, each >= 2: a profile needs two samples
+    (:func:`~._utils.size_pair`)."""
+    return size_pair(image_size, op, "image_size", minimum=2)
 
 
 def check_localize_inputs(cam_logits: torch.Tensor, indices: torch.Tensor) -> None:
@@ -149,86 +141,84 @@ def _max_marginals_torch(maps: torch.Tensor, height: int, width: int) -> tuple[t
     return px, py
 
 
-if triton is not None:
+@triton.jit
+def _load_sampling(table_ptr, outputs, n_outputs, ok):
+    """``(i0, i1, λ0, λ1)`` of ``outputs`` from a ``[4, n_outputs]`` float32 table (indices exact)."""
+    i0 = tl.load(table_ptr + outputs, mask=ok, other=0).to(tl.int32)
+    i1 = tl.load(table_ptr + n_outputs + outputs, mask=ok, other=0).to(tl.int32)
+    lambda0 = tl.load(table_ptr + 2 * n_outputs + outputs, mask=ok, other=0)
+    lambda1 = tl.load(table_ptr + 3 * n_outputs + outputs, mask=ok, other=0)
+    return i0, i1, lambda0, lambda1
 
-    @triton.jit
-    def _load_sampling(table_ptr, outputs, n_outputs, ok):
-        """``(i0, i1, λ0, λ1)`` of ``outputs`` from a ``[4, n_outputs]`` float32 table (indices exact)."""
-        i0 = tl.load(table_ptr + outputs, mask=ok, other=0).to(tl.int32)
-        i1 = tl.load(table_ptr + n_outputs + outputs, mask=ok, other=0).to(tl.int32)
-        lambda0 = tl.load(table_ptr + 2 * n_outputs + outputs, mask=ok, other=0)
-        lambda1 = tl.load(table_ptr + 3 * n_outputs + outputs, mask=ok, other=0)
-        return i0, i1, lambda0, lambda1
+@triton.jit
+def _bilinear(base, w, rows_table, n_rows_out, rows, row_ok, cols_table, n_cols_out, cols, col_ok):
+    """Upsampled values at ``rows × cols`` (−inf outside the masks), torch's arithmetic."""
+    y0, y1, h0l, h1l = _load_sampling(rows_table, rows, n_rows_out, row_ok)
+    x0, x1, w0l, w1l = _load_sampling(cols_table, cols, n_cols_out, col_ok)
+    ok = row_ok[:, None] & col_ok[None, :]
+    top = base + (y0 * w)[:, None]
+    bottom = base + (y1 * w)[:, None]
+    v00 = tl.load(top + x0[None, :], mask=ok, other=0.0)
+    v01 = tl.load(top + x1[None, :], mask=ok, other=0.0)
+    v10 = tl.load(bottom + x0[None, :], mask=ok, other=0.0)
+    v11 = tl.load(bottom + x1[None, :], mask=ok, other=0.0)
+    w0 = w0l[None, :]
+    w1 = w1l[None, :]
+    value = h0l[:, None] * (w0 * v00 + w1 * v01) + h1l[:, None] * (w0 * v10 + w1 * v11)
+    return tl.where(ok, value, float("-inf"))
 
-    @triton.jit
-    def _bilinear(base, w, rows_table, n_rows_out, rows, row_ok, cols_table, n_cols_out, cols, col_ok):
-        """Upsampled values at ``rows × cols`` (−inf outside the masks), torch's arithmetic."""
-        y0, y1, h0l, h1l = _load_sampling(rows_table, rows, n_rows_out, row_ok)
-        x0, x1, w0l, w1l = _load_sampling(cols_table, cols, n_cols_out, col_ok)
-        ok = row_ok[:, None] & col_ok[None, :]
-        top = base + (y0 * w)[:, None]
-        bottom = base + (y1 * w)[:, None]
-        v00 = tl.load(top + x0[None, :], mask=ok, other=0.0)
-        v01 = tl.load(top + x1[None, :], mask=ok, other=0.0)
-        v10 = tl.load(bottom + x0[None, :], mask=ok, other=0.0)
-        v11 = tl.load(bottom + x1[None, :], mask=ok, other=0.0)
-        w0 = w0l[None, :]
-        w1 = w1l[None, :]
-        value = h0l[:, None] * (w0 * v00 + w1 * v01) + h1l[:, None] * (w0 * v10 + w1 * v11)
-        return tl.where(ok, value, float("-inf"))
+@triton.jit
+def _running_max(
+    base, w, rows_table, H, cols_table, W, extremal, n_extremal, outputs, ok, CHUNK: tl.constexpr,
+    OVER_ROWS: tl.constexpr,
+):
+    """``px`` (``OVER_ROWS``: max over the extremal rows, for the output columns ``outputs``) or
+    ``py`` (max over the extremal columns, for the output rows ``outputs``), ``CHUNK`` extremal
+    rows/columns at a time into a running max."""
+    best = tl.full(outputs.shape, float("-inf"), tl.float32)
+    for start in range(0, n_extremal, CHUNK):
+        e = start + tl.arange(0, CHUNK)
+        e_ok = e < n_extremal
+        picked = tl.load(extremal + e, mask=e_ok, other=0)
+        if OVER_ROWS:
+            value = _bilinear(base, w, rows_table, H, picked, e_ok, cols_table, W, outputs, ok)
+            best = tl.maximum(best, tl.max(value, axis=0))
+        else:
+            value = _bilinear(base, w, rows_table, H, outputs, ok, cols_table, W, picked, e_ok)
+            best = tl.maximum(best, tl.max(value, axis=1))
+    return best
 
-    @triton.jit
-    def _running_max(
-        base, w, rows_table, H, cols_table, W, extremal, n_extremal, outputs, ok, CHUNK: tl.constexpr,
-        OVER_ROWS: tl.constexpr,
-    ):
-        """``px`` (``OVER_ROWS``: max over the extremal rows, for the output columns ``outputs``) or
-        ``py`` (max over the extremal columns, for the output rows ``outputs``), ``CHUNK`` extremal
-        rows/columns at a time into a running max."""
-        best = tl.full(outputs.shape, float("-inf"), tl.float32)
-        for start in range(0, n_extremal, CHUNK):
-            e = start + tl.arange(0, CHUNK)
-            e_ok = e < n_extremal
-            picked = tl.load(extremal + e, mask=e_ok, other=0)
-            if OVER_ROWS:
-                value = _bilinear(base, w, rows_table, H, picked, e_ok, cols_table, W, outputs, ok)
-                best = tl.maximum(best, tl.max(value, axis=0))
-            else:
-                value = _bilinear(base, w, rows_table, H, outputs, ok, cols_table, W, picked, e_ok)
-                best = tl.maximum(best, tl.max(value, axis=1))
-        return best
-
-    @triton.jit
-    def _max_marginals_kernel(
-        maps_ptr,
-        px_ptr,
-        py_ptr,
-        rows_table,
-        extremal_rows,
-        cols_table,
-        extremal_cols,
-        h,
-        w,
-        H,
-        W,
-        n_extremal_rows,
-        n_extremal_cols,
-        BLOCK_H: tl.constexpr,
-        BLOCK_W: tl.constexpr,
-        CHUNK: tl.constexpr,
-    ):
-        """One program per map: ``px`` from the extremal rows × all columns, ``py`` from all rows ×
-        the extremal columns, ``CHUNK`` extremal rows (columns) at a time into a running max; the
-        upsampled values stay in registers (max is exact, so the chunking changes no bit)."""
-        pid = tl.program_id(0).to(tl.int64)
-        base = maps_ptr + pid * h * w
-        tables = (base, w, rows_table, H, cols_table, W)
-        xs = tl.arange(0, BLOCK_W)
-        px = _running_max(*tables, extremal_rows, n_extremal_rows, xs, xs < W, CHUNK, True)
-        tl.store(px_ptr + pid * W + xs, px, mask=xs < W)
-        ys = tl.arange(0, BLOCK_H)
-        py = _running_max(*tables, extremal_cols, n_extremal_cols, ys, ys < H, CHUNK, False)
-        tl.store(py_ptr + pid * H + ys, py, mask=ys < H)
+@triton.jit
+def _max_marginals_kernel(
+    maps_ptr,
+    px_ptr,
+    py_ptr,
+    rows_table,
+    extremal_rows,
+    cols_table,
+    extremal_cols,
+    h,
+    w,
+    H,
+    W,
+    n_extremal_rows,
+    n_extremal_cols,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program per map: ``px`` from the extremal rows × all columns, ``py`` from all rows ×
+    the extremal columns, ``CHUNK`` extremal rows (columns) at a time into a running max; the
+    upsampled values stay in registers (max is exact, so the chunking changes no bit)."""
+    pid = tl.program_id(0).to(tl.int64)
+    base = maps_ptr + pid * h * w
+    tables = (base, w, rows_table, H, cols_table, W)
+    xs = tl.arange(0, BLOCK_W)
+    px = _running_max(*tables, extremal_rows, n_extremal_rows, xs, xs < W, CHUNK, True)
+    tl.store(px_ptr + pid * W + xs, px, mask=xs < W)
+    ys = tl.arange(0, BLOCK_H)
+    py = _running_max(*tables, extremal_cols, n_extremal_cols, ys, ys < H, CHUNK, False)
+    tl.store(py_ptr + pid * H + ys, py, mask=ys < H)
 
 
 @functools.lru_cache(maxsize=64)

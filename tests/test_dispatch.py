@@ -16,10 +16,9 @@ def test_resolve_backend_choices(monkeypatch) -> None:
     with kernels.use_backend("torch"):
         assert kernels.resolve_backend("op", "triton", x) == "torch"
     monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: True)
-    if kernels.triton_available():
-        assert kernels.resolve_backend("op", "triton", x) == "triton"
-        with kernels.use_backend("triton"):
-            assert kernels.resolve_backend("op", "auto", x) == "triton"
+    assert kernels.resolve_backend("op", "triton", x) == "triton"
+    with kernels.use_backend("triton"):
+        assert kernels.resolve_backend("op", "auto", x) == "triton"
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.resolve_backend("op", "cuda", x)
     with pytest.raises(ValueError, match="use_backend takes"):

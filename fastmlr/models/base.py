@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastmlr.backbones import backbone_spec, build_backbone
-from fastmlr.checks import check_images, check_int
+from fastmlr.checks import check_image_size, check_images, check_int
 from fastmlr.data import check_class_names
 from fastmlr.losses import multilabel_bce
 
@@ -34,8 +34,7 @@ class MLRModel(nn.Module):
     ) -> None:
         super().__init__()
         num_classes = check_int(num_classes, "num_classes")
-        if check_int(image_size, "image_size", minimum=32) % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+        check_image_size(image_size, "image_size")
         self.spec = backbone_spec(backbone)
         self.backbone_name = backbone
         self.num_classes = int(num_classes)
