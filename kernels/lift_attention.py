@@ -1,14 +1,17 @@
-"""Deep-LIFT's attention LIFT pooling (003_*.txt, Eqs. 5-7) in one pass over the LIFT map.
+"""Deep-LIFT's LIFT pooling (003_*.txt, Eqs. 5-7) in one pass over the LIFT map.
 
-The head of Deep-LIFT computes the LIFT map ``A = L F`` (Eq. 5, ``[C, HW]`` per image), the channel
-attention of its CAM ``M = sigmoid(MLP(avg_p A) + MLP(max_p A))`` (Eq. 6; ``MLP`` = Linear(C -> hidden)
--> ReLU -> Linear(hidden -> C), shared by both poolings), the attention LIFT map ``A_att = M (.) A``
-(Eq. 7) and pools it by average and max into the ``2C`` vector its classifier reads.
+The head of Deep-LIFT computes the LIFT map ``A = L F`` (Eq. 5, ``[C, HW]`` per image) and pools it by
+average and max over the positions. The paper weighs the label channels first with the channel
+attention of its CAM, ``M = sigmoid(MLP(avg_p A) + MLP(max_p A))`` (Eq. 6; ``MLP`` = Linear(C -> hidden)
+-> ReLU -> Linear(hidden -> C), shared by both poolings), pooling the attention LIFT map
+``A_att = M (.) A`` (Eq. 7). The authors' released network leaves the channel attention out (its
+forward has it commented out), and so does :class:`fastmlr.models.deeplift.DeepLIFT`: the CAM is
+optional here (the MLP weights ``None``: ``M = 1``).
 
 Since ``M`` is a sigmoid, ``M > 0`` (or underflows to exactly 0), so ``max_p (M_c A[c,p]) = M_c max_p
 A[c,p]``; the mean is linear, so ``avg_p (M_c A[c,p]) = M_c avg_p A[c,p]``. The per-class average and
 maximum of ``A`` are therefore all the head needs: they feed the CAM *and*, scaled by ``M``, are the
-output. ``A_att`` is never formed, and one pass over ``A`` gives everything.
+output. ``A_att`` is never formed, and one pass over ``A`` gives everything, with or without the CAM.
 
 The paper gives the MLP as "multi-layer perceptron with one hidden layer" (CAM, its ref. [26] =
 CBAM) without saying whether its layers have biases; ``b1``/``b2`` may be tensors or ``None``
@@ -25,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
+from ._attention_triton import lift_stats_triton
 from ._dispatch import resolve_backend
 from ._utils import check_same_device_dtype, check_tensor, is_exporting
-from ._attention_triton import lift_stats_triton
 
 __all__ = ["lift_attention_pool", "lift_attention_pool_reference"]
 
@@ -45,14 +48,16 @@ def _channel_attention(avg: torch.Tensor, mx: torch.Tensor, w1: torch.Tensor, b1
 
 
 def lift_attention_pool_reference(
-    L: torch.Tensor, F: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
-    w2: torch.Tensor, b2: torch.Tensor | None,
+    L: torch.Tensor, F: torch.Tensor, w1: torch.Tensor | None = None, b1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eqs. (5)-(7) as written: form ``A``, ``M`` and ``A_att = M (.) A``, then pool ``A_att``."""
+    """Eqs. (5)-(7) as written: form ``A``, ``M`` and ``A_att = M (.) A``, then pool ``A_att``
+    (without the CAM, ``w1 = w2 = None``, pool ``A``)."""
     A = torch.matmul(L, F.transpose(1, 2))  # Eq. (5): [B, C, HW]
-    M = _channel_attention(A.mean(-1), A.amax(-1), w1, b1, w2, b2)  # Eq. (6)
-    A_att = M[..., None] * A  # Eq. (7)
-    return torch.cat([A_att.mean(-1), A_att.amax(-1)], dim=1)
+    if w1 is not None:
+        M = _channel_attention(A.mean(-1), A.amax(-1), w1, b1, w2, b2)  # Eq. (6)
+        A = M[..., None] * A  # Eq. (7)
+    return torch.cat([A.mean(-1), A.amax(-1)], dim=1)
 
 
 def _lift_stats_torch(L: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +92,10 @@ class _LiftStatsTriton(torch.autograd.Function):
 def lift_attention_pool(
     L: torch.Tensor,
     F: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
+    w1: torch.Tensor | None = None,
+    b1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -98,12 +103,15 @@ def lift_attention_pool(
 
     ``A = L F^T`` (Eq. 5), ``M = sigmoid(MLP(avg_p A) + MLP(max_p A))`` (Eq. 6), ``A_att = M (.) A``
     (Eq. 7); computed as ``concat(M * avg_p A, M * max_p A)``, which is equal because ``M > 0`` (see
-    the module docstring). Gradients: the max routes to one maximal position per class.
+    the module docstring). Without the CAM (``w1``, ``b1``, ``w2``, ``b2`` all ``None``, the released
+    network) ``M = 1``: ``concat(avg_p A, max_p A)``. Gradients: the max routes to one maximal
+    position per class.
 
     Args:
         L: ``[B, C, D]`` or ``[1, C, D]`` label re-embeddings (one set shared by the batch when 1).
         F: ``[B, HW, D]`` feature map.
-        w1: ``[hidden, C]``, b1: ``[hidden]`` or ``None`` — the CAM MLP's first layer.
+        w1: ``[hidden, C]``, b1: ``[hidden]`` or ``None`` — the CAM MLP's first layer; ``None``
+            (with ``w2``, ``b1``, ``b2``) for no CAM.
         w2: ``[C, hidden]``, b2: ``[C]`` or ``None`` — its second layer.
         backend: ``"auto" | "torch" | "triton"`` (for the pass over ``A``; the MLP is torch).
 
@@ -117,20 +125,27 @@ def lift_attention_pool(
     if L.shape[0] not in (1, B):
         raise ValueError(f"{op}: L must have shape [1, C, {D}] or [{B}, C, {D}], got {list(L.shape)}")
     C = L.shape[1]
-    check_tensor(op, "w1", w1, (None, C))
-    hidden = w1.shape[0]
-    check_tensor(op, "w2", w2, (C, hidden))
-    mlp = {"w1": w1, "w2": w2}
-    if b1 is not None:
-        check_tensor(op, "b1", b1, (hidden,))
-        mlp["b1"] = b1
-    if b2 is not None:
-        check_tensor(op, "b2", b2, (C,))
-        mlp["b2"] = b2
+    mlp = {}
+    if w1 is None:
+        if any(x is not None for x in (b1, w2, b2)):
+            raise ValueError(f"{op}: without w1 (no channel attention) b1, w2 and b2 must be None too")
+    else:
+        check_tensor(op, "w1", w1, (None, C))
+        hidden = w1.shape[0]
+        check_tensor(op, "w2", w2, (C, hidden))
+        mlp = {"w1": w1, "w2": w2}
+        if b1 is not None:
+            check_tensor(op, "b1", b1, (hidden,))
+            mlp["b1"] = b1
+        if b2 is not None:
+            check_tensor(op, "b2", b2, (C,))
+            mlp["b2"] = b2
     check_same_device_dtype(op, L=L, F=F, **mlp)
     if not is_exporting() and resolve_backend(op, backend, L, F) == "triton":
         avg, mx = _LiftStatsTriton.apply(L.contiguous(), F.contiguous())
     else:
         avg, mx = _lift_stats_torch(L, F)
+    if w1 is None:
+        return torch.cat([avg, mx], dim=1)
     M = _channel_attention(avg, mx, w1, b1, w2, b2)
     return torch.cat([M * avg, M * mx], dim=1)

@@ -59,6 +59,27 @@ def test_reference_follows_equations_5_to_7_elementwise():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_lift_pool_without_channel_attention_matches_reference(case, backend):
+    """The released Deep-LIFT network's pooling: no CAM, ``concat(avg_p A, max_p A)``."""
+    L, F = lift_inputs(*case)[:2]
+    A = torch.matmul(L, F.transpose(1, 2))
+    expected = torch.cat([A.mean(-1), A.amax(-1)], dim=1)
+    assert_close_rel(lift_attention_pool_reference(L, F), expected)
+    assert_close_rel(lift_attention_pool(L, F, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lift_pool_without_channel_attention_gradients_match_reference(backend):
+    L, F = (x.clone().requires_grad_(True) for x in lift_inputs(*CASES[2])[:2])
+    weights = torch.randn(2, 2 * CASES[2][2], generator=torch.Generator().manual_seed(1))
+    expected = torch.autograd.grad((lift_attention_pool_reference(L, F) * weights).sum(), [L, F])
+    actual = torch.autograd.grad((lift_attention_pool(L, F, backend=backend) * weights).sum(), [L, F])
+    for a, e in zip(actual, expected, strict=True):
+        assert_close_rel(a, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [CASES[1], CASES[2]])
 def test_lift_attention_pool_gradients_match_reference(case, backend):
     inputs = lift_inputs(*case)
@@ -93,6 +114,10 @@ def test_lift_attention_pool_rejects_bad_shapes():
         lift_attention_pool(L, F, w1, b1, w2, b2[:4])
     with pytest.raises(ValueError, match="one device and dtype"):
         lift_attention_pool(L, F.double(), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="without w1 .* must be None"):
+        lift_attention_pool(L, F, None, b1, w2, b2)
+    with pytest.raises(ValueError, match="w2 must be a torch.Tensor"):
+        lift_attention_pool(L, F, w1, b1, None, None)
 
 
 @requires_cuda
