@@ -1,3 +1,3 @@
 """Every architecture registers itself on import."""
 
-from fastmlr.models import baseline, deeplift, lce, mcar, mlgcn, srdl, ssgrl  # noqa: F401
+from fastmlr.models import baseline, deeplift, lce, mcar, mlgcn, pgcn, srdl, ssgrl  # noqa: F401
