@@ -78,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from .onnx_export import to_onnx
 
+        reports = []
         out = to_onnx(model, args.out, image_size=args.size, batch=args.batch, dynamic_batch=args.dynamic_batch,
-                      opset=args.opset, images=args.images)
+                      opset=args.opset, images=args.images, on_validated=reports.append)
         print(f"wrote {out} (ONNX opset {args.opset}, validated against PyTorch in ONNX Runtime)")
+        print("\n".join(report.summary() for report in reports))
     elif args.format == "trt":
         from .tensorrt import export_engine
 

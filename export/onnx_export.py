@@ -9,7 +9,8 @@ unrolled for the traced shapes, and a data-dependent Python value would be froze
 which is why every export is validated on real and random inputs before it is kept.
 
 Models with a ``forward_stages`` method (MCAR) are exported as one graph, global-to-local step
-included, with outputs ``(probs, boxes, indices)``; every other model has one output, ``probs``.
+included, with outputs ``probs, boxes, indices`` and the stages ``global_scores, local_scores,
+cam_logits`` that the stage-wise validation reads; every other model has one output, ``probs``.
 Export runs the kernels on torch (``use_backend("torch")``); while the exporter traces, the kernels
 switch to their trace-safe forms themselves (``fastmlr.kernels._utils.is_exporting``: the fused
 attention ops leave their in-place, block-looping ``autograd.Function`` paths; image sizes read from
@@ -26,7 +27,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +44,18 @@ from .tensorrt_ops import tensorrt_op_support
 from .validation import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    STAGE_OUTPUTS,
     TOLERANCES,
-    Comparison,
-    Runner,
-    compare_runners,
+    ArtifactMismatchError,
+    NamedRunner,
+    ValidationReport,
     find_images,
-    raise_on_failure,
+    has_stages,
+    output_names,
     random_batches,
     validation_inputs,
 )
+from .validation import validate as validate_runner
 
 INPUT_NAME = "images"
 #: The highest opset torch's TorchScript-based exporter emits (torch.onnx._constants).
@@ -62,8 +66,8 @@ _LEGACY_EXPORTER_NOTICES = (r".*legacy TorchScript-based ONNX export.*", r".*The
 
 
 class ExportWrapper(nn.Module):
-    """What is exported: ``images -> (probs,)``, or ``(probs, boxes, indices)`` for models with
-    ``forward_stages`` (MCAR: final probabilities, ``[B, N, 4]`` int64 boxes, ``[B, N]`` indices)."""
+    """What is exported: ``images -> (probs,)``, or :data:`STAGE_OUTPUTS` for models with
+    ``forward_stages`` (MCAR). Consumers that only need the predictions read the first three."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -72,18 +76,8 @@ class ExportWrapper(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if has_stages(self.model):
             stages = self.model.forward_stages(images)
-            return stages.probs, stages.boxes, stages.indices
+            return tuple(getattr(stages, name) for name in STAGE_OUTPUTS)
         return (self.model(images),)
-
-
-def has_stages(model: nn.Module) -> bool:
-    """True for models exported with boxes (those with ``forward_stages``: MCAR)."""
-    return callable(getattr(model, "forward_stages", None))
-
-
-def output_names(model: nn.Module) -> tuple[str, ...]:
-    """The exported graph's output names, in order."""
-    return ("probs", "boxes", "indices") if has_stages(model) else ("probs",)
 
 
 def model_name(model: nn.Module) -> str:
@@ -230,22 +224,45 @@ def write_metadata(path: str | os.PathLike, model: nn.Module, image_size: int) -
     onnx.save(proto, os.fspath(path))
 
 
-def onnx_runtime_runner(path: str | os.PathLike) -> Runner:
-    """Runs the ONNX file in ONNX Runtime's CPU provider: ``images -> [outputs]``."""
-    session = ort_session(path, threads=torch.get_num_threads())
-    return lambda images: session.run(None, {INPUT_NAME: images.detach().cpu().numpy().astype(np.float32)})
+def onnx_runtime_runner(session) -> NamedRunner:  # noqa: ANN001 - an onnxruntime.InferenceSession
+    """Runs an ONNX Runtime session: ``images -> {output name: array}``."""
+    names = [o.name for o in session.get_outputs()]
 
-
-def torch_runner(model: nn.Module) -> Runner:
-    """The PyTorch reference: the model's outputs (as exported) with the kernels' torch references."""
-    wrapper = ExportWrapper(model).eval()
-    device = model_device(model)
-
-    def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad(), use_backend("torch"):
-            return wrapper(images.to(device))
+    def run(images: torch.Tensor) -> dict[str, np.ndarray]:
+        outputs = session.run(None, {INPUT_NAME: images.detach().cpu().numpy().astype(np.float32)})
+        return dict(zip(names, outputs, strict=True))
 
     return run
+
+
+def check_graph_interface(session, model: nn.Module, image_size: int) -> None:  # noqa: ANN001
+    """:class:`~fastmlr.export.validation.ArtifactMismatchError` when the graph cannot be an export of
+    ``model`` at ``image_size``: metadata naming another model, other inputs or outputs, another input
+    size or class count. Checked before anything runs."""
+    meta = session.get_modelmeta().custom_metadata_map
+    exported_from = meta.get("fastmlr.model")
+    if exported_from is not None and exported_from != model_name(model):
+        raise ArtifactMismatchError(f"the ONNX graph was exported from {exported_from!r}, the model is "
+                                    f"{model_name(model)!r}", stage="interface")
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        raise ArtifactMismatchError(f"the ONNX graph takes inputs {[i.name for i in inputs]}, fastmlr exports "
+                                    f"take [{INPUT_NAME!r}]", stage="interface")
+    shape = inputs[0].shape
+    fixed = [d for d in shape[-2:] if isinstance(d, int)]
+    if len(shape) != 4 or any(d != image_size for d in fixed):
+        raise ArtifactMismatchError(f"the ONNX graph takes images of shape {shape}, validation asked for "
+                                    f"{image_size}x{image_size}", stage="interface")
+    names = [o.name for o in session.get_outputs()]
+    if names != list(output_names(model)):
+        raise ArtifactMismatchError(f"the ONNX graph has outputs {names}, {model_name(model)} exports "
+                                    f"{list(output_names(model))}: it is not an export of this model",
+                                    stage="interface")
+    classes = session.get_outputs()[0].shape[-1]
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and num_classes is not None and classes != num_classes:
+        raise ArtifactMismatchError(f"the ONNX graph scores {classes} classes, the model {num_classes}",
+                                    stage="interface")
 
 
 def validate_onnx(
@@ -256,20 +273,23 @@ def validate_onnx(
     batches: Sequence[int] = (1,),
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     num_random: int = 2,
-    tolerance: float = TOLERANCES["fp32"],
+    tolerance: float | str = TOLERANCES["fp32"],
     notes: Sequence[str] = (),
-) -> list[Comparison]:
+) -> ValidationReport:
     """Run the ONNX file in ONNX Runtime and ``model`` in PyTorch on the real images (``images``: a
     directory or files; default: the packaged COCO and VOC validation photos) grouped by ``batches[0]``,
-    and on ``num_random`` random batches of each size in ``batches``. Returns the worst comparison per output; raises
-    :class:`~fastmlr.export.validation.ExportValidationError` when a probability differs by more than
-    ``tolerance`` or a box or index differs at all."""
-    model.eval()
+    and on ``num_random`` random batches of each size in ``batches``, and check the contract of
+    :func:`~fastmlr.export.validation.validate` at ``tolerance`` (a number or a precision name).
+
+    Returns the :class:`~fastmlr.export.validation.ValidationReport`. Raises
+    :class:`~fastmlr.export.validation.ArtifactMismatchError` (a ``ValueError``) when the graph is not
+    an export of ``model`` at ``image_size`` (metadata, inputs, outputs, input size, class count), and
+    :class:`~fastmlr.export.validation.ExportValidationError` naming the failing stage otherwise."""
+    session = ort_session(path, threads=torch.get_num_threads())
+    check_graph_interface(session, model, image_size)
     inputs = validation_inputs(find_images(images), image_size, batches, num_random=num_random)
-    comparisons = compare_runners(onnx_runtime_runner(path), torch_runner(model), inputs,
-                                  output_names(model), tolerance)
-    raise_on_failure(comparisons, "the ONNX export", notes)
-    return comparisons
+    return validate_runner(onnx_runtime_runner(session), model, inputs, tolerance=tolerance,
+                           artifact="the ONNX export", notes=notes)
 
 
 def to_onnx(
@@ -283,20 +303,24 @@ def to_onnx(
     validate: bool = True,
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     num_random: int = 2,
+    on_validated: Callable[[ValidationReport], None] | None = None,
 ) -> Path:
     """Export ``model`` to a single ONNX file at ``path`` and return the path.
 
     The graph takes ``images`` ``[batch, 3, S, S]`` float32 (``S = image_size``; ImageNet-normalised
-    RGB) and returns ``probs`` ``[batch, C]`` — plus ``boxes`` ``[batch, N, 4]`` and ``indices``
-    ``[batch, N]`` (int64) for MCAR, whose global-to-local step is part of the graph.
+    RGB) and returns ``probs`` ``[batch, C]``; for MCAR, whose global-to-local step is part of the
+    graph, also ``boxes`` ``[batch, N, 4]`` and ``indices`` ``[batch, N]`` (int64), then the stages
+    ``global_scores``, ``local_scores`` ``[batch, C]`` and ``cam_logits`` ``[batch, C, h, w]``
+    (:data:`~fastmlr.export.validation.STAGE_OUTPUTS`; consumers may ignore them).
     ``dynamic_batch=True`` makes the batch axis symbolic (``"batch"``).
 
     With ``validate`` (the default) the graph is written to a temporary file beside ``path``, run in
     ONNX Runtime on the real images (``images``, default: the packaged COCO and VOC validation photos) and
-    on random inputs (at ``batch``, and also ``batch + 1`` when the batch is dynamic) and compared with PyTorch:
-    probabilities within 1e-4, boxes and indices identical. Only then is it moved to ``path``; a
-    failure raises ``ExportValidationError`` (a ``RuntimeError``) with the worst difference, the output,
-    the element index and the input, and nothing is written.
+    on random inputs (at ``batch``, and also ``batch + 1`` when the batch is dynamic) and checked
+    against PyTorch by :func:`validate_onnx` (fp32 tolerance 1e-4; MCAR stage by stage, decisions
+    exact except within their margins). Only then is it moved to ``path``, and ``on_validated``
+    receives the report; a failure raises ``ExportValidationError`` (a ``RuntimeError``) naming the
+    stage, the worst difference, the output, the element index and the input, and nothing is written.
 
     Bad input raises ``ValueError`` (image size not a multiple of 32, opset outside
     ``MIN_OPSET..MAX_TORCHSCRIPT_OPSET`` or below what the graph needs, unwritable directory) or
@@ -313,7 +337,9 @@ def to_onnx(
         onnx.checker.check_model(os.fspath(staged))
         if validate:
             batches = (batch, batch + 1) if dynamic_batch else (batch,)
-            validate_onnx(staged, model, image_size=image_size, batches=batches, images=images,
-                          num_random=num_random, notes=notes)
+            report = validate_onnx(staged, model, image_size=image_size, batches=batches, images=images,
+                                   num_random=num_random, notes=notes)
+            if on_validated is not None:
+                on_validated(report)
         os.replace(staged, out)
     return out

@@ -24,18 +24,15 @@ from torch import nn
 
 from .onnx_export import (
     check_output_path,
-    output_names,
     staging_directory,
     to_onnx,
-    torch_runner,
 )
 from .tensorrt_ops import check_tensorrt_ops, load_onnx
 from .validation import (
-    Comparison,
-    compare_runners,
+    ValidationReport,
     find_images,
-    raise_on_failure,
     tolerance_for,
+    validate,
     validation_inputs,
 )
 
@@ -291,24 +288,20 @@ def validate_engine(
     batches: Sequence[int] = (1,),
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     num_random: int = 2,
-) -> list[Comparison]:
+) -> ValidationReport:
     """Run the engine (:class:`TRTRunner`) and ``model`` (PyTorch, kernels on their torch references)
-    on the real images and random inputs; probabilities must agree within
-    :func:`~fastmlr.export.validation.tolerance_for` ``(precision)``, boxes and indices exactly.
-    Returns the worst comparison per output; raises ``ExportValidationError`` otherwise."""
+    on the real images and random inputs, and check the contract of
+    :func:`~fastmlr.export.validation.validate` at :func:`~fastmlr.export.validation.tolerance_for`
+    ``(precision)``. Returns the report; raises ``ExportValidationError`` naming the failing stage."""
     runner = TRTRunner(engine_path)
-    names = output_names(model)
 
-    def run(images: torch.Tensor) -> list[torch.Tensor]:
+    def run(images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = runner(images)
         torch.cuda.current_stream(runner.device).synchronize()
-        return [outputs[name] for name in names]
+        return outputs
 
-    model.eval()
     inputs = validation_inputs(find_images(images), image_size, batches, num_random=num_random)
-    comparisons = compare_runners(run, torch_runner(model), inputs, names, tolerance_for(precision))
-    raise_on_failure(comparisons, f"the TensorRT {precision} engine")
-    return comparisons
+    return validate(run, model, inputs, tolerance=tolerance_for(precision), artifact=f"the TensorRT {precision} engine")
 
 
 def engine_from_onnx(

@@ -2,24 +2,38 @@
 
 The inputs are real images (the COCO and VOC validation photos packaged in ``fastmlr/assets/images``,
 through :func:`fastmlr.data.eval_transform`: resized to the model's size, ImageNet-normalised)
-plus seeded random images. Floating outputs must agree within a tolerance that depends on the
-artifact's precision (:data:`TOLERANCES`); integer outputs (MCAR's boxes and class indices) must be
-identical. A failure raises :class:`ExportValidationError` naming, for every failing output, the worst
-difference, the element index and the input it occurred on.
+plus seeded random images. :func:`validate` runs any artifact that maps images to named outputs and
+checks it against the model within a tolerance that depends on the artifact's precision
+(:data:`TOLERANCES`).
+
+MCAR is checked stage by stage, because its global-to-local step is discontinuous: a top-N ranking
+and a threshold test on normalised profiles (eq. 6-7) turn values that differ by a few ulps between
+two runtimes into different integers wherever the reference itself is on a tie (a saturated sigmoid
+gives plateaus and exactly equal peaks). Numerics may drift within the tolerance; logic may not. So
+the streams are compared within the tolerance, the decisions exactly except where the reference's
+decision is ambiguous within the tolerance (:mod:`.decision_margins`), and the local stream on the
+artifact's own boxes. The result is a :class:`ValidationReport`; a failure raises
+:class:`ExportValidationError` naming the failing stage, the worst difference, its index and input.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from fastmlr.kernels import use_backend
+from fastmlr.kernels.localize import max_marginals, selected_maps
+from torch import nn
 
+from fastmlr import kernels
 from fastmlr.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
+
+from .decision_margins import IntervalMargins, explain_ranking
 
 #: Largest allowed absolute difference of floating outputs (probabilities), by artifact precision:
 #: fp32 and fp16 as the export issue fixes them; bf16 scales fp16's bound by the ratio of the two
@@ -30,12 +44,16 @@ TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2}
 DEFAULT_IMAGES_DIR = Path(str(importlib.resources.files("fastmlr"))) / "assets" / "images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-#: Runs one input batch and returns the outputs in ``output_names`` order.
-Runner = Callable[[torch.Tensor], Sequence[np.ndarray | torch.Tensor]]
-
 
 class ExportValidationError(RuntimeError):
-    """The artifact's outputs differ from PyTorch's; the message says where and by how much."""
+    """The artifact's outputs differ from PyTorch's; the message says in which stage, where and by how
+    much. ``stage`` names the failing stage, ``report`` is the :class:`ValidationReport` (when one was
+    made)."""
+
+    def __init__(self, message: str, *, stage: str | None = None, report: ValidationReport | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.report = report
 
 
 def tolerance_for(precision: str) -> float:
@@ -141,9 +159,14 @@ class Comparison:
             return f"output {self.output!r} on {self.input_label}: {self.note}"
         bound = "must be identical" if self.exact else f"tolerance {self.tolerance:g}"
         return (
-            f"output {self.output!r} at index {self.index} on {self.input_label}: {artifact} {self.actual:.7g} "
+            f"output {self.output!r} at index {self.index} on {self.where}: {artifact} {self.actual:.7g} "
             f"vs PyTorch {self.expected:.7g} (|diff| {self.difference:.3g}, {bound})"
         )
+
+    @property
+    def where(self) -> str:
+        """The image the worst element belongs to (the first index is the batch position)."""
+        return _image_name(self.input_label, self.index[0]) if self.index else self.input_label
 
 
 def compare_arrays(
@@ -179,43 +202,391 @@ def _badness(cmp: Comparison) -> tuple[bool, float]:
     return (not cmp.ok, cmp.difference)
 
 
-def compare_runners(
-    run: Runner,
-    reference: Runner,
+# ---------------------------------------------------------------------------------------------------
+# The stage-wise contract
+# ---------------------------------------------------------------------------------------------------
+
+#: The outputs of a model with ``forward_stages`` (MCAR), in graph order: the final probabilities, the
+#: ``[B, N, 4]`` int64 boxes and ``[B, N]`` class indices, then the stages the validation reads: global
+#: and local scores ``[B, C]`` and the class maps before the sigmoid ``[B, C, h, w]``.
+STAGE_OUTPUTS = ("probs", "boxes", "indices", "global_scores", "local_scores", "cam_logits")
+
+#: The stages, in the order they are checked (a model without ``forward_stages`` has ``probabilities`` only).
+GLOBAL, DECISIONS, LOCAL, FINAL, PROBABILITIES = (
+    "global stream", "decisions", "local stream", "final scores", "probabilities")
+
+#: Runs one input batch: ``images -> {output name: array}`` (or a sequence in :func:`output_names` order).
+NamedRunner = Callable[[torch.Tensor], Mapping[str, np.ndarray | torch.Tensor] | Sequence[np.ndarray | torch.Tensor]]
+
+
+class ArtifactMismatchError(ExportValidationError, ValueError):
+    """The artifact is not an export of this model: other outputs, class count, regions per image (top-N)
+    or input size. Raised before any numbers are compared."""
+
+
+def has_stages(model: nn.Module) -> bool:
+    """True for models exported with their stages (those with ``forward_stages``: MCAR)."""
+    return callable(getattr(model, "forward_stages", None))
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The exported graph's output names, in order."""
+    return STAGE_OUTPUTS if has_stages(model) else ("probs",)
+
+
+def resolve_tolerance(tolerance: float | str) -> float:
+    """A tolerance given as a number (> 0) or a precision name (:data:`TOLERANCES`)."""
+    if isinstance(tolerance, str):
+        return tolerance_for(tolerance)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a number in (0, 1) or one of {sorted(TOLERANCES)}, got {tolerance!r}")
+    return float(tolerance)
+
+
+@dataclass(frozen=True)
+class DecisionFlip:
+    """A decision where the artifact differs from PyTorch within the decision's margin.
+
+    ``decision`` is ``"ranking"`` (``reference``/``artifact``: the N classes, best first) or
+    ``"x interval"`` / ``"y interval"`` of region ``region`` (``[start, end)`` in pixels)."""
+
+    input_label: str
+    image: int
+    region: int | None
+    decision: str
+    reference: tuple[int, ...]
+    artifact: tuple[int, ...]
+    reason: str
+
+    def describe(self) -> str:
+        where = _image_name(self.input_label, self.image)
+        region = "" if self.region is None else f" region {self.region}"
+        return f"{where}{region} {self.decision} {list(self.reference)} -> {list(self.artifact)}: {self.reason}"
+
+
+def _image_name(input_label: str, image: int) -> str:
+    """Image ``image`` of an input batch labelled by :func:`image_batches` or :func:`random_batches`."""
+    if input_label.startswith("images [") and input_label.endswith("]"):
+        names = input_label[len("images ["):-1].split(", ")
+        if image < len(names):
+            return names[image]
+    return f"{input_label}, image {image}"
+
+
+@dataclass
+class StageReport:
+    """One stage: the worst comparison per output it compares, and the refusals it found."""
+
+    name: str
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    refusals: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals and all(c.ok for c in self.comparisons.values())
+
+    def add(self, comparison: Comparison) -> None:
+        old = self.comparisons.get(comparison.output)
+        if old is None or _badness(comparison) > _badness(old):
+            self.comparisons[comparison.output] = comparison
+
+    def problems(self, artifact: str) -> list[str]:
+        """The failing comparisons and the refusals, one line each."""
+        return [c.describe(artifact) for c in self.comparisons.values() if not c.ok] + self.refusals
+
+    def line(self) -> str:
+        """``name: output worst |diff| (where); ...`` for the summary."""
+        parts = []
+        for c in self.comparisons.values():
+            parts.append(f"{c.output} worst |diff| {c.difference:.2g} at {c.index} on {c.where}")
+        if self.refusals:
+            parts.append(f"{len(self.refusals)} refused, e.g. {self.refusals[0]}")
+        return f"{self.name}: {'ok' if self.ok else 'FAILED'}" + "".join(f"; {p}" for p in parts)
+
+
+@dataclass
+class EndToEnd:
+    """What a user of the artifact sees: images whose classes and boxes are identical to PyTorch's, the
+    IoU of each differing box (same rank), and the final probabilities' differences."""
+
+    images: int = 0
+    identical_boxes: int = 0
+    differing_box_ious: list[float] = field(default_factory=list)
+    max_prob_diff: float = 0.0
+    sum_prob_diff: float = 0.0
+    probs_compared: int = 0
+
+    @property
+    def mean_prob_diff(self) -> float:
+        return self.sum_prob_diff / max(self.probs_compared, 1)
+
+    def line(self, with_boxes: bool) -> str:
+        probs = f"|Δprob| max {self.max_prob_diff:.3g}, mean {self.mean_prob_diff:.2g}"
+        if not with_boxes:
+            return f"end to end: {self.images} images, {probs}"
+        ious = self.differing_box_ious
+        iou = (f" (IoU of the {len(ious)} differing boxes: min {min(ious):.2f}, mean {np.mean(ious):.2f})"
+               if ious else "")
+        return f"end to end: {self.identical_boxes}/{self.images} images with identical boxes{iou}; {probs}"
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of :func:`validate`: per stage the worst difference and where; the decisions compared
+    and the flips accepted with their reasons; end-to-end agreement."""
+
+    artifact: str
+    tolerance: float
+    stages: dict[str, StageReport]
+    decisions_compared: int = 0
+    flips: list[DecisionFlip] = field(default_factory=list)
+    end_to_end: EndToEnd = field(default_factory=EndToEnd)
+    inputs: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(stage.ok for stage in self.stages.values())
+
+    @property
+    def failing_stage(self) -> str | None:
+        """The first stage (in checking order) that failed, or ``None``."""
+        return next((name for name, stage in self.stages.items() if not stage.ok), None)
+
+    def summary(self, max_flips: int = 3) -> str:
+        """A few lines: the verdict, each stage's worst difference, the flips, end-to-end agreement."""
+        verdict = "passed" if self.ok else f"FAILED at the {self.failing_stage} stage"
+        lines = [f"{self.artifact} vs PyTorch: {verdict} (tolerance {self.tolerance:g}, {self.inputs} input "
+                 f"batches, {self.end_to_end.images} images)"]
+        for name, stage in self.stages.items():
+            lines.append(f"  {stage.line()}")
+            if name == DECISIONS:
+                lines[-1] += (f"; {self.decisions_compared} compared, {len(self.flips)} flipped within their "
+                              "margins" + (":" if self.flips else ""))
+                lines += [f"    {flip.describe()}" for flip in self.flips[:max_flips]]
+                if len(self.flips) > max_flips:
+                    lines.append(f"    ... and {len(self.flips) - max_flips} more")
+        lines.append(f"  {self.end_to_end.line(DECISIONS in self.stages)}")
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        """:class:`ExportValidationError` naming the first failing stage and its problems."""
+        stage = self.failing_stage
+        if stage is None:
+            return
+        problems = self.stages[stage].problems(self.artifact)
+        shown = "; ".join(problems[:4]) + (f"; ... and {len(problems) - 4} more" if len(problems) > 4 else "")
+        others = [name for name, s in self.stages.items() if not s.ok and name != stage]
+        message = f"{self.artifact} differs from the PyTorch model in the {stage} stage, so it was not written: {shown}"
+        if others:
+            message += f". Also failing: {', '.join(others)}"
+        if self.notes:
+            message += ". Warnings while exporting: " + " | ".join(self.notes)
+        raise ExportValidationError(message, stage=stage, report=self)
+
+
+def _named_outputs(raw: object, names: Sequence[str], artifact: str) -> dict[str, np.ndarray]:
+    """The runner's outputs by name; :class:`ArtifactMismatchError` for missing or extra outputs."""
+    if isinstance(raw, Mapping):
+        outputs = {str(k): _numpy(v) for k, v in raw.items()}
+        if set(outputs) != set(names):
+            missing, extra = sorted(set(names) - set(outputs)), sorted(set(outputs) - set(names))
+            raise ArtifactMismatchError(
+                f"{artifact} has outputs {sorted(outputs)}, the model exports {list(names)} (missing {missing}, "
+                f"extra {extra}): it is not an export of this model", stage="interface")
+        return outputs
+    values = list(raw)  # type: ignore[call-overload]
+    if len(values) != len(names):
+        raise ArtifactMismatchError(
+            f"{artifact} gives {len(values)} outputs, the model exports {len(names)} {list(names)}: it is not an "
+            "export of this model", stage="interface")
+    return {name: _numpy(v) for name, v in zip(names, values, strict=True)}
+
+
+def _check_shapes(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], artifact: str) -> None:
+    """:class:`ArtifactMismatchError` naming the first output whose shape differs from PyTorch's, by what
+    the axis means (batch, class count, regions per image, class-map size)."""
+    meaning = {"probs": ("batch", "classes"), "global_scores": ("batch", "classes"),
+               "local_scores": ("batch", "classes"), "indices": ("batch", "regions per image (top-N)"),
+               "boxes": ("batch", "regions per image (top-N)", "box coordinates"),
+               "cam_logits": ("batch", "classes", "class-map height", "class-map width")}
+    for name, e in expected.items():
+        a = actual[name]
+        if a.shape == e.shape:
+            continue
+        axes = meaning.get(name, ())
+        if a.ndim == e.ndim:
+            axis = next(i for i in range(e.ndim) if a.shape[i] != e.shape[i])
+            what = axes[axis] if axis < len(axes) else f"axis {axis}"
+            detail = f"{a.shape[axis]} {what}, the model {e.shape[axis]}"
+        else:
+            detail = f"shape {tuple(a.shape)}, the model {tuple(e.shape)}"
+        raise ArtifactMismatchError(f"{artifact}'s output {name!r} has {detail}: it is not an export of this model",
+                                    stage="interface")
+
+
+def _reference(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The images on the model's device and the model's outputs on them (stages for MCAR), kernels on torch."""
+    param = next(model.parameters(), None)
+    images = images.to(param.device if param is not None else "cpu")
+    with torch.no_grad(), use_backend("torch"):
+        return images, (model.forward_stages(images) if has_stages(model) else model(images))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two half-open boxes ``(x1, y1, x2, y2)``."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
+
+
+def _check_decisions(report: ValidationReport, model: nn.Module, label: str, size: tuple[int, int], stages,
+                     actual: dict[str, np.ndarray], tolerance: float) -> bool:
+    """Stage b: the artifact's classes and boxes are PyTorch's, or flips within their margins. Returns
+    whether the boxes are usable for stage c (valid classes, boxes inside the image)."""
+    refusals = report.stages[DECISIONS].refusals
+    height, width = size
+    scores = stages.global_scores.double().cpu().numpy()
+    ref_indices = stages.indices.cpu().numpy()
+    indices = actual["indices"].astype(np.int64)
+    boxes = actual["boxes"].astype(np.int64)
+    batch, regions = indices.shape
+    report.decisions_compared += 3 * batch * regions  # a ranking position and two intervals per region
+    for b in np.flatnonzero((indices != ref_indices).any(1)):
+        reason = explain_ranking(scores[b], indices[b], ref_indices[b], tolerance)
+        ref, art = tuple(ref_indices[b].tolist()), tuple(indices[b].tolist())
+        if reason is None:
+            refusals.append(f"{_image_name(label, b)}: the artifact ranks classes {list(art)}, PyTorch "
+                            f"{list(ref)}, with global scores {np.round(scores[b][list(art)], 7).tolist()}: "
+                            f"not a tie within {tolerance:g}")
+        else:
+            report.flips.append(DecisionFlip(label, int(b), None, "ranking", ref, art, reason))
+    num_classes = scores.shape[1]
+    if indices.min() < 0 or indices.max() >= num_classes:
+        refusals.append(f"on {label}: class indices outside [0, {num_classes})")
+        return False
+    chosen = torch.from_numpy(indices).to(stages.cam_logits.device)
+    same_classes = bool((indices == ref_indices).all())
+    with torch.no_grad():
+        ref_boxes = stages.boxes if same_classes else kernels.localize_regions(
+            stages.cam_logits, chosen, size, model.threshold, backend="torch")
+        ref_boxes = ref_boxes.cpu().numpy()
+        differing = np.argwhere((boxes != ref_boxes).any(-1))
+        if len(differing):
+            px, py = max_marginals(selected_maps(stages.cam_logits, chosen), size, backend="torch")
+            px, py = px.cpu().numpy(), py.cpu().numpy()
+    for b, n in differing:
+        for axis, (lo, hi), profile in (("x", (0, 2), px[b, n]), ("y", (1, 3), py[b, n])):
+            ref = (int(ref_boxes[b, n, lo]), int(ref_boxes[b, n, hi]))
+            art = (int(boxes[b, n, lo]), int(boxes[b, n, hi]))
+            if ref == art:
+                continue
+            reason = IntervalMargins(profile, model.threshold, tolerance).explain(art)
+            if reason is None:
+                refusals.append(f"{_image_name(label, b)} region {n} (class {indices[b, n]}): the artifact's "
+                                f"{axis} interval {list(art)}, PyTorch's {list(ref)}: no profile within "
+                                f"{tolerance:g} gives it")
+            else:
+                report.flips.append(DecisionFlip(label, int(b), int(n), f"{axis} interval", ref, art, reason))
+    inside = (boxes[..., 0] >= 0) & (boxes[..., 1] >= 0) & (boxes[..., 2] <= width) & (boxes[..., 3] <= height)
+    return bool((inside & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).all())
+
+
+def _check_stages(report: ValidationReport, model: nn.Module, label: str, images: torch.Tensor, stages,
+                  actual: dict[str, np.ndarray], tolerance: float) -> None:
+    """Stages a-d of MCAR's contract on one input batch, and its end-to-end agreement."""
+    report.stages[GLOBAL].add(compare_arrays("global_scores", _numpy(stages.global_scores), actual["global_scores"],
+                                             tolerance, label))
+    # The class maps are compared as the profiles use them, after the sigmoid: a logit's rounding error
+    # scales with its summands (2048 channels at ResNet-50), not with the logit.
+    report.stages[GLOBAL].add(compare_arrays("sigmoid(cam_logits)", _numpy(torch.sigmoid(stages.cam_logits.float())),
+                                             _numpy(torch.sigmoid(torch.from_numpy(actual["cam_logits"]).float())),
+                                             tolerance, label))
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    if _check_decisions(report, model, label, size, stages, actual, tolerance):
+        boxes = actual["boxes"].astype(np.int64)
+        if (boxes == stages.boxes.cpu().numpy()).all():
+            expected_local = stages.local_scores  # the same crops: PyTorch's own local stream
+        else:
+            with torch.no_grad(), use_backend("torch"):
+                regions = kernels.crop_resize(images, torch.from_numpy(boxes).to(images.device), size)
+                expected_local = model.local_stream(regions.flatten(0, 1), images.shape[0])
+        report.stages[LOCAL].add(compare_arrays("local_scores", _numpy(expected_local), actual["local_scores"],
+                                                tolerance, label))
+    else:
+        report.stages[LOCAL].refusals.append(f"on {label}: not checked, the artifact's classes or boxes are invalid")
+    combined = np.maximum(actual["global_scores"], actual["local_scores"])
+    report.stages[FINAL].add(compare_arrays("probs", combined, actual["probs"], tolerance, label))
+    ref_boxes, ref_indices = stages.boxes.cpu().numpy(), stages.indices.cpu().numpy()
+    same = (actual["boxes"] == ref_boxes).all(-1) & (actual["indices"] == ref_indices)
+    report.end_to_end.identical_boxes += int(same.all(1).sum())
+    report.end_to_end.differing_box_ious += [_iou(ref_boxes[b, n], actual["boxes"][b, n])
+                                             for b, n in np.argwhere(~same)]
+
+
+def validate(
+    run: NamedRunner,
+    model: nn.Module,
     inputs: Sequence[tuple[str, torch.Tensor]],
-    output_names: Sequence[str],
-    tolerance: float,
-) -> list[Comparison]:
-    """Run both on every input; return, per output, the worst comparison over all inputs (a failing
-    one is worse than any passing one)."""
-    worst: dict[str, Comparison] = {}
-    for label, images in inputs:
-        expected = reference(images)
+    *,
+    tolerance: float | str = "fp32",
+    artifact: str = "the artifact",
+    notes: Sequence[str] = (),
+    check: bool = True,
+) -> ValidationReport:
+    """Validate any artifact that maps images to named outputs (an ONNX Runtime session, a TensorRT
+    engine, a compiled module, a reduced-precision graph) against ``model`` in PyTorch.
+
+    ``run(images)`` returns ``{name: array}`` for every name of :func:`output_names` (or a sequence in
+    that order); ``inputs`` are labelled batches (:func:`validation_inputs`); ``tolerance`` is the
+    largest allowed difference of a probability, a number or a precision (:data:`TOLERANCES`).
+
+    Models without stages: ``probs`` within ``tolerance``. MCAR, stage by stage:
+
+    a. global stream: ``global_scores`` and the class maps ``sigmoid(cam_logits)`` (as the profiles
+       use them) within ``tolerance``;
+    b. decisions: ``indices`` and ``boxes`` equal PyTorch's, except where PyTorch's decision is
+       ambiguous within ``tolerance`` (:mod:`.decision_margins`: tied scores at a rank that changes the
+       top-N, profile values near τ, near-equal peaks, flat profiles); each such flip is reported with
+       its reason, any other difference refuses the artifact;
+    c. local stream: ``local_scores`` within ``tolerance`` of PyTorch's local stream on the crops of the
+       artifact's own boxes;
+    d. final scores: ``probs`` within ``tolerance`` of the per-class max of the artifact's global and
+       local scores.
+
+    Returns the :class:`ValidationReport`; with ``check`` (the default) a failing stage raises
+    :class:`ExportValidationError` (its ``stage`` and ``report`` attached). An artifact of another
+    model (other outputs, class count, regions per image) raises :class:`ArtifactMismatchError`
+    before anything is compared; one that fails to run raises :class:`ExportValidationError`."""
+    tolerance = resolve_tolerance(tolerance)
+    names = output_names(model)
+    stage_names = (GLOBAL, DECISIONS, LOCAL, FINAL) if has_stages(model) else (PROBABILITIES,)
+    report = ValidationReport(artifact, tolerance, {name: StageReport(name) for name in stage_names},
+                              notes=tuple(notes))
+    model.eval()
+    for label, batch in inputs:
+        images, reference = _reference(model, batch)
         try:
-            actual = run(images)
+            raw = run(batch)
         except Exception as err:  # noqa: BLE001 - any runtime failure is a validation failure
-            raise ExportValidationError(f"on {label} the artifact failed to run: {err}") from err
-        if len(actual) != len(output_names) or len(expected) != len(output_names):
-            raise ExportValidationError(
-                f"on {label}: expected {len(output_names)} outputs {list(output_names)}, the artifact gave "
-                f"{len(actual)} and PyTorch {len(expected)}"
-            )
-        for name, e, a in zip(output_names, expected, actual, strict=True):
-            cmp = compare_arrays(name, _numpy(e), _numpy(a), tolerance, label)
-            if name not in worst or _badness(cmp) > _badness(worst[name]):
-                worst[name] = cmp
-    return [worst[name] for name in output_names if name in worst]
-
-
-def raise_on_failure(comparisons: Sequence[Comparison], artifact: str, notes: Sequence[str] = ()) -> None:
-    """Raise :class:`ExportValidationError` listing every failing comparison (and ``notes``, e.g. the
-    tracer's warnings, which often explain a mismatch)."""
-    failing = [c for c in comparisons if not c.ok]
-    if not failing:
-        return
-    message = f"{artifact} differs from the PyTorch model, so it was not written: " + "; ".join(
-        c.describe(artifact) for c in failing
-    )
-    if notes:
-        message += ". Warnings while exporting: " + " | ".join(notes)
-    raise ExportValidationError(message)
+            raise ExportValidationError(f"on {label} {artifact} failed to run: {err}", stage="interface") from err
+        actual = _named_outputs(raw, names, artifact)
+        expected = {name: _numpy(getattr(reference, name)) if has_stages(model) else _numpy(reference)
+                    for name in names}
+        _check_shapes(actual, expected, artifact)
+        report.inputs += 1
+        report.end_to_end.images += len(batch)
+        if has_stages(model):
+            _check_stages(report, model, label, images, reference, actual, tolerance)
+        else:
+            report.stages[PROBABILITIES].add(compare_arrays("probs", expected["probs"], actual["probs"], tolerance,
+                                                            label))
+        diff = np.abs(expected["probs"].astype(np.float64) - actual["probs"].astype(np.float64))
+        worst = float(np.nan_to_num(diff, nan=np.inf).max())
+        report.end_to_end.max_prob_diff = max(report.end_to_end.max_prob_diff, worst)
+        report.end_to_end.sum_prob_diff += float(diff.sum())
+        report.end_to_end.probs_compared += diff.size
+    if check:
+        report.raise_if_failed()
+    return report

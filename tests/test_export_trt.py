@@ -181,7 +181,7 @@ def test_torch_tensorrt_keeps_triton_kernels_as_plugins() -> None:  # pragma: no
     model = fastmlr.create_model("mcar", backbone="mobilenet_v2", num_classes=6, image_size=96, topn=2).eval()
     compiled = compile_torch_tensorrt(model, image_size=96, min_batch=1, opt_batch=2, max_batch=2)
     images = torch.rand(2, 3, 96, 96, device="cuda")
-    probs, boxes, _ = compiled(images)
+    probs, boxes, *_ = compiled(images)
     with torch.no_grad():
         expected = model.cuda().forward_stages(images)
     assert torch.equal(boxes, expected.boxes)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from fastmlr.export import write_triton_repository
-from fastmlr.export.onnx_export import ExportWrapper
+from fastmlr.export.onnx_export import ExportWrapper, output_names
 from fastmlr.export.triton_server import TensorSpec, tensor_specs, triton_config
 from fastmlr.export.validation import validation_inputs
 from fastmlr.kernels import use_backend
@@ -72,7 +72,7 @@ def test_repository_layout_and_config_match_the_model(tmp_path, shared_images, n
     # The model's own outputs at batch 2: config dims are their shapes without the batch axis.
     with torch.no_grad(), use_backend("torch"):
         outputs = [t.numpy() for t in ExportWrapper(model)(torch.rand(2, 3, size, size))]
-    names = ["probs", "boxes", "indices"][: len(outputs)]
+    names = list(output_names(model))
     expected = {n: (NUMPY_TO_TRITON[o.dtype], list(o.shape[1:])) for n, o in zip(names, outputs, strict=True)}
     assert config["output"] == expected
     # The served file takes a batch up to max_batch_size and gives those shapes.

@@ -28,7 +28,9 @@ class MCARStages(NamedTuple):
 
     ``global_scores`` and ``local_scores`` are ``[B, C]`` probabilities (eq. 2 and eq. 3),
     ``probs`` their per-class max; ``indices`` ``[B, N]`` the selected classes, best first;
-    ``boxes`` ``[B, N, 4]`` int64 ``(x1, y1, x2, y2)``, half-open, in input pixels.
+    ``boxes`` ``[B, N, 4]`` int64 ``(x1, y1, x2, y2)``, half-open, in input pixels;
+    ``cam_logits`` ``[B, C, h, w]`` the class activation maps before the sigmoid (eq. 4), from which
+    the boxes are localized.
     """
 
     probs: torch.Tensor
@@ -36,6 +38,7 @@ class MCARStages(NamedTuple):
     local_scores: torch.Tensor
     indices: torch.Tensor
     boxes: torch.Tensor
+    cam_logits: torch.Tensor
 
 
 def select_top_classes(global_scores: torch.Tensor, topn: int) -> torch.Tensor:
@@ -110,16 +113,17 @@ class MCAR(MLRModel):
         global_scores, cam_logits = self.global_stream(images)
         indices, boxes, regions = self.global_to_local(images, global_scores, cam_logits)
         local_scores = self.local_stream(regions, images.shape[0])
-        return global_scores, local_scores, indices, boxes
+        return global_scores, local_scores, indices, boxes, cam_logits
 
     def forward_stages(self, images: torch.Tensor) -> MCARStages:
         """Every stage of the two-stream forward (see :class:`MCARStages`)."""
-        global_scores, local_scores, indices, boxes = self._streams(images)
-        return MCARStages(torch.maximum(global_scores, local_scores), global_scores, local_scores, indices, boxes)
+        global_scores, local_scores, indices, boxes, cam_logits = self._streams(images)
+        return MCARStages(torch.maximum(global_scores, local_scores), global_scores, local_scores, indices, boxes,
+                          cam_logits)
 
     def forward(self, images: torch.Tensor):
         """Eval: final probabilities ``[B, C]``. Train: ``(global_probs, local_probs)``."""
-        global_scores, local_scores, _, _ = self._streams(images)
+        global_scores, local_scores, *_ = self._streams(images)
         if self.training:
             return global_scores, local_scores
         return torch.maximum(global_scores, local_scores)
