@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,12 +77,6 @@ def _tensor_block(kind: str, specs: Sequence[TensorSpec]) -> list[str]:
     return [f"{kind} [", ",\n".join(entries), "]"]
 
 
-def _pbtxt_string(text: str) -> str:
-    """``text`` as a protobuf text-format string literal (UTF-8; backslashes, quotes and newlines escaped)."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
 def triton_config(
     name: str,
     *,
@@ -92,12 +86,11 @@ def triton_config(
     outputs: Sequence[TensorSpec],
     max_batch_size: int,
     max_queue_delay_us: int = 100,
-    parameters: Mapping[str, str] | None = None,
 ) -> str:
     """The text of ``config.pbtxt`` (protobuf text format of Triton's ``ModelConfig``): name, exactly one
     of ``platform`` (e.g. ``"onnxruntime_onnx"``) and ``backend`` (e.g. ``"python"``), ``max_batch_size``,
     inputs and outputs (name, data type, dims without the batch axis), ``dynamic_batching`` with
-    ``max_queue_delay_microseconds`` and the string ``parameters`` the model reads at load time."""
+    ``max_queue_delay_microseconds``."""
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size}")
     if (platform is None) == (backend is None):
@@ -106,8 +99,6 @@ def triton_config(
     lines = [f'name: "{name}"', f'{kind}: "{value}"', f"max_batch_size: {max_batch_size}"]
     lines += _tensor_block("input", inputs) + _tensor_block("output", outputs)
     lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
-    for key, text in (parameters or {}).items():
-        lines.append(f"parameters {{ key: {_pbtxt_string(key)} value: {{ string_value: {_pbtxt_string(text)} }} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -44,13 +44,15 @@ from typing import IO, Any
 
 import numpy as np
 
+from fastmlr.checks import check_output_dir
+
 INPUT_NAME = "images"
 #: The outputs served, in order, with their numpy types; MCAR adds ``boxes`` and ``indices``.
 OUTPUT_TYPES = {"probs": np.float32, "boxes": np.int64, "indices": np.int64}
 BACKENDS = ("eager", "onnxruntime", "trt", "torch-trt")
 PRECISIONS = ("fp32", "fp16", "bf16")
-#: The config.pbtxt parameter that carries the :class:`ServedModel` to the Python backend.
-SPEC_PARAMETER = "fastmlr"
+#: The file beside ``model.py`` that tells the Python backend what to load (a :class:`ServedModel`).
+SPEC_FILE = "fastmlr.json"
 SERVE_MISSING = 'Triton Inference Server is not installed: pip install -e ".[serve]" (the nvidia-pytriton wheel)'
 
 #: A runner: ImageNet-normalised float32 images ``[B, 3, S, S]`` → ``{output name: array with batch axis B}``.
@@ -259,12 +261,11 @@ def answer_requests(
 
 class TritonPythonModel:
     """The model as Triton's Python backend loads it (``<repository>/<name>/1/model.py`` imports it):
-    reads the :class:`ServedModel` from the ``fastmlr`` parameter of ``config.pbtxt``, opens its
-    runner once, and answers each dynamic batch of requests with :func:`answer_requests`."""
+    reads the :class:`ServedModel` beside it (:func:`read_served`), opens its runner once, and answers
+    each dynamic batch of requests with :func:`answer_requests`."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        self.served = ServedModel.from_json(config["parameters"][SPEC_PARAMETER]["string_value"])
+        self.served = read_served(Path(args["model_repository"]), int(args["model_version"]))
         self.runner = open_runner(self.served)
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -286,22 +287,27 @@ class TritonPythonModel:
 
 def write_repository(served: ServedModel, repository: str | os.PathLike, *, max_queue_delay_us: int = 100) -> Path:
     """``<repository>/<name>/config.pbtxt`` (Python backend, ``max_batch_size``, dynamic batching, the
-    input ``images`` FP32 ``[3, S, S]``, the outputs, the :class:`ServedModel` as a parameter) and
-    ``1/model.py``; returns the model's directory."""
+    input ``images`` FP32 ``[3, S, S]``, the outputs), ``1/model.py`` and ``1/fastmlr.json`` (the
+    :class:`ServedModel`); returns the model's directory."""
     from fastmlr.export.triton_server import TensorSpec, triton_config
 
     types = {"probs": "TYPE_FP32", "boxes": "TYPE_INT64", "indices": "TYPE_INT64"}
     model_dir = Path(repository) / served.name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "1" / "model.py").write_text("from fastmlr.serve import TritonPythonModel  # noqa: F401\n")
+    (model_dir / "1" / SPEC_FILE).write_text(served.to_json())
     config = triton_config(
         served.name, backend="python", max_batch_size=served.max_batch, max_queue_delay_us=max_queue_delay_us,
         inputs=[TensorSpec(INPUT_NAME, "TYPE_FP32", (3, served.size, served.size))],
         outputs=[TensorSpec(name, types[name], dims) for name, dims in served.outputs],
-        parameters={SPEC_PARAMETER: served.to_json()},
     )
     (model_dir / "config.pbtxt").write_text(config)
     return model_dir
+
+
+def read_served(model_dir: str | os.PathLike, version: int = 1) -> ServedModel:
+    """The :class:`ServedModel` that :func:`write_repository` wrote for version ``version`` of ``model_dir``."""
+    return ServedModel.from_json((Path(model_dir) / str(version) / SPEC_FILE).read_text())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,6 +518,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--workdir", help="keep the exported model and Triton's model repository here "
+                                          "(default: a temporary directory, removed at exit)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -528,6 +536,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{option.replace('_', '-')} must be a TCP port (1-65535), got {port}")
     triton_distribution()
     libpython()
+    if args.workdir:
+        check_output_dir(args.workdir, "--workdir")
     stop = {"signal": None}
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -538,7 +548,9 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         model = fastmlr.create_model(args.model, backbone=args.backbone, image_size=args.size,
                                      checkpoint=args.checkpoint).eval()
-        with tempfile.TemporaryDirectory(prefix="fastmlr-serve-") as workdir:
+        kept = contextlib.nullcontext(args.workdir) if args.workdir else None
+        with kept or tempfile.TemporaryDirectory(prefix="fastmlr-serve-") as workdir:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
             served = prepare(model, workdir, name=args.model, backend=args.backend, precision=args.precision,
                              max_batch=args.max_batch)
             del model
