@@ -19,9 +19,6 @@ Layers (``X`` is ``[C, d]``, one row per class):
 
 - :class:`GraphConvolution` — ``Â X W`` (Kipf & Welling; ML-GCN's ``GraphConvolution``);
 - :class:`LearnedAdjacencyGraph` — SRDL eq. 3, ``A' = LeakyReLU(V̂ A W)`` with a learnable ``V``;
-- :class:`AttentionGraphLayer` — Deep-LIFT's AGCN layer (eq. 3), ``LeakyReLU([X ‖ G X] W)``;
-- :class:`ResidualGCN` — Deep-LIFT's RGCN (eq. 4);
-- :class:`GatedGraphNetwork` — the GGNN of SSGRL;
 - :class:`ClassWiseLinear` — one linear scorer per class node, ``[B, C, d] → [B, C]``.
 """
 
@@ -318,82 +315,6 @@ class LearnedAdjacencyGraph(nn.Module):
         for weight in self.weights:
             x = F.leaky_relu(normalised @ weight(x), LEAKY_SLOPE)  # eq. 3
         return x
-
-
-class AttentionGraphLayer(nn.Module):
-    """Deep-LIFT's AGCN layer (eq. 3): ``Y = LeakyReLU_0.2([X ‖ G X] W)``.
-
-    ``G = g(X, A)``: a two-layer MLP scores every pair ``(i, j)`` from ``[x_i ‖ x_j]`` (hidden width
-    ``2·in``, LeakyReLU 0.2), the scores are masked to the adjacency's non-zero entries and
-    soft-maxed over ``j`` — so each row of ``G`` sums to 1 (Σ_j |G_ij| = 1). The MLP's first layer
-    on the concatenation is split as ``U x_i + U' x_j`` so the pair tensor is only ``[C, C, hidden]``.
-    """
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        hidden = 2 * in_features
-        self.score_hidden = nn.Linear(2 * in_features, hidden)
-        self.score_out = nn.Linear(hidden, 1)
-        self.linear = nn.Linear(2 * in_features, out_features)
-
-    def aggregation(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-        """``G [C, C]``: row-softmax of the pair scores over the neighbours ``adjacency[i, j] > 0``."""
-        d = x.shape[1]
-        w_i, w_j = self.score_hidden.weight[:, :d], self.score_hidden.weight[:, d:]
-        hidden = (x @ w_i.T)[:, None, :] + (x @ w_j.T)[None, :, :] + self.score_hidden.bias
-        scores = self.score_out(F.leaky_relu(hidden, LEAKY_SLOPE)).squeeze(-1)
-        scores = scores.masked_fill(adjacency <= 0, float("-inf"))
-        return torch.softmax(scores, dim=1)
-
-    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-        gathered = self.aggregation(x, adjacency) @ x
-        return F.leaky_relu(self.linear(torch.cat([x, gathered], dim=1)), LEAKY_SLOPE)
-
-
-class ResidualGCN(nn.Module):
-    """Deep-LIFT's RGCN: graph convolutions ``300→512→1024→1024→1024→out`` (each
-    ``LeakyReLU_0.2(Â X W)``), the two equal-width 1024 layers forming one residual block (eq. 4):
-    ``G_{l+2} = LeakyReLU(F(G_l) + G_l)``, ``F`` the two graph convolutions."""
-
-    def __init__(self, in_features: int = WORD_EMBEDDING_DIM, out_features: int = 2048) -> None:
-        super().__init__()
-        self.stem = nn.ModuleList([GraphConvolution(in_features, 512), GraphConvolution(512, 1024)])
-        self.block = nn.ModuleList([GraphConvolution(1024, 1024), GraphConvolution(1024, 1024)])
-        self.head = GraphConvolution(1024, out_features)
-
-    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-        for layer in self.stem:
-            x = F.leaky_relu(layer(x, adjacency), LEAKY_SLOPE)
-        residual = F.leaky_relu(self.block[0](x, adjacency), LEAKY_SLOPE)
-        x = F.leaky_relu(self.block[1](residual, adjacency) + x, LEAKY_SLOPE)  # eq. 4
-        return F.leaky_relu(self.head(x, adjacency), LEAKY_SLOPE)
-
-
-class GatedGraphNetwork(nn.Module):
-    """The gated graph neural network of SSGRL (Li et al.'s GGNN), ``steps`` propagation steps over
-    the ``C`` class nodes of width ``dim``. With ``A_in = adjacency``, ``A_out = adjacencyᵀ``, per step:
-
-    ``a = [A_in h ‖ A_out h]``, ``z = σ(W_z a + U_z h)``, ``r = σ(W_r a + U_r h)``,
-    ``h̃ = tanh(W a + U (r ⊙ h))``, ``h ← (1 − z) ⊙ h + z ⊙ h̃``.
-
-    Input and output ``[B, C, dim]``.
-    """
-
-    def __init__(self, dim: int, steps: int = 3) -> None:
-        super().__init__()
-        self.steps = steps
-        self.update_a, self.update_h = nn.Linear(2 * dim, dim), nn.Linear(dim, dim)
-        self.reset_a, self.reset_h = nn.Linear(2 * dim, dim), nn.Linear(dim, dim)
-        self.candidate_a, self.candidate_h = nn.Linear(2 * dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, nodes: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.steps):
-            messages = torch.cat([adjacency @ nodes, adjacency.T @ nodes], dim=-1)
-            update = torch.sigmoid(self.update_a(messages) + self.update_h(nodes))
-            reset = torch.sigmoid(self.reset_a(messages) + self.reset_h(nodes))
-            candidate = torch.tanh(self.candidate_a(messages) + self.candidate_h(reset * nodes))
-            nodes = (1 - update) * nodes + update * candidate
-        return nodes
 
 
 class ClassWiseLinear(nn.Module):

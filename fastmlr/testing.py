@@ -7,6 +7,11 @@ and the interval search one profile at a time (§3: ``sign``, ``nonzero`` and a 
 candidate segments), and one ``F.interpolate`` per region (§4). The tests use it as the oracle of
 :mod:`fastmlr.kernels` and of :class:`fastmlr.models.mcar.MCAR`; ``bench/bench_g2l.py`` times it as
 the released code's step.
+
+The released SSGRL and Deep-LIFT forwards (:func:`released_ssgrl_logits`,
+:func:`released_deeplift_logits`), rewritten from their code in its layer order and run on a state
+dict in their own key layout: the oracles of those models' released-checkpoint parity tests, with
+:func:`random_resnet_state` for a random backbone whose BatchNorm statistics are non-trivial.
 """
 
 from __future__ import annotations
@@ -132,3 +137,174 @@ def stand_in_label_graph(name: str) -> dict[str, str]:
         raise ValueError(f"unknown model {name!r}")
     takes = "label_embeddings" in inspect.signature(registry._MODELS[name].__init__).parameters
     return {"label_embeddings": RANDOM_EMBEDDINGS} if takes else {}
+
+
+_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def released_resnet_trunk(state_dict: dict[str, torch.Tensor]) -> nn.Sequential:
+    """A torchvision ResNet-50 or -101 (depth read from the number of ``layer3`` blocks: 6 or 23) from a
+    state dict keyed ``conv1.*`` … ``layer4.*`` (the released codes' backbones, ``fc`` absent), as the
+    ``conv1 … layer4`` trunk in eval mode. Built on the meta device and assigned the tensors."""
+    import torchvision
+
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("layer3.")}
+    depth = {6: "resnet50", 23: "resnet101"}.get(len(blocks))
+    if depth is None:
+        raise ValueError(f"not a ResNet-50/101 state dict: {len(blocks)} layer3 blocks")
+    with torch.device("meta"):
+        net = getattr(torchvision.models, depth)(weights=None)
+    result = net.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"backbone state dict: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return nn.Sequential(*(getattr(net, name) for name in _RESNET_TRUNK)).eval()
+
+
+def _linear(state: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, state[name + ".weight"], state.get(name + ".bias"))
+
+
+@torch.no_grad()
+def released_ssgrl_logits(
+    state: dict[str, torch.Tensor], images: torch.Tensor, word_features: torch.Tensor,
+    adjacency: torch.Tensor, time_step: int = 3,
+) -> torch.Tensor:
+    """The released SSGRL forward (HCPLab-SYSU/SSGRL ``models.py``, ``semantic.py``, ``ggnn.py``,
+    ``element_wise_layer.py``) on its own state-dict layout, ``[B, C]`` logits, in its layer order:
+
+    ResNet ``conv1 … layer4`` then ``AvgPool2d(2, 2)``; per position and class
+    ``fc_a(fc_3(tanh(fc_1(F_xy) * fc_2(x_c))))``, soft-maxed over the positions, weighting the
+    positions' features; ``time_step`` GGNN steps with ``in = adjacency``, ``out = adjacencyᵀ`` whose
+    reset gate adds ``fc_eq3_u(h)`` (not ``fc_eq4_u``); ``tanh(fc_output([h ‖ f]))`` and the
+    element-wise classifier ``Σ_d x·W + b``. Square inputs only, as the released code.
+    """
+    trunk = released_resnet_trunk({k[len("resnet_101."):]: v for k, v in state.items() if k.startswith("resnet_101.")})
+    fmap = F.avg_pool2d(trunk(images), 2, stride=2)
+    batch, dim, size = fmap.shape[0], fmap.shape[1], fmap.shape[3]
+    classes = word_features.shape[0]
+    # semantic.py: every (position, class) pair, positions in (row, column) order
+    positions = fmap.permute(0, 2, 3, 1).reshape(batch * size * size, dim)
+    projected = _linear(state, "word_semantic.fc_1", positions)[:, None, :]
+    words = _linear(state, "word_semantic.fc_2", word_features)[None, :, :]
+    hidden = _linear(state, "word_semantic.fc_3", torch.tanh(projected * words).reshape(-1, projected.shape[-1]))
+    coefficient = _linear(state, "word_semantic.fc_a", hidden).reshape(batch, size * size, classes)
+    coefficient = torch.softmax(coefficient.transpose(1, 2), dim=2)  # [B, C, HW]
+    semantic = (coefficient[..., None] * positions.reshape(batch, 1, size * size, dim)).sum(2)  # [B, C, D]
+    # ggnn.py
+    nodes = semantic
+    for _ in range(time_step):
+        av = torch.cat([adjacency @ nodes, adjacency.T @ nodes], dim=2)
+        zv = torch.sigmoid(_linear(state, "graph_net.fc_eq3_w", av) + _linear(state, "graph_net.fc_eq3_u", nodes))
+        rv = torch.sigmoid(_linear(state, "graph_net.fc_eq4_w", av) + _linear(state, "graph_net.fc_eq3_u", nodes))
+        hv = torch.tanh(_linear(state, "graph_net.fc_eq5_w", av) + _linear(state, "graph_net.fc_eq5_u", rv * nodes))
+        nodes = (1 - zv) * nodes + zv * hv
+    output = torch.tanh(_linear(state, "fc_output", torch.cat([nodes, semantic], dim=2)))
+    return (output * state["classifiers.weight"]).sum(2) + state["classifiers.bias"]
+
+
+@torch.no_grad()
+def released_deeplift_logits(
+    state: dict[str, torch.Tensor], images: torch.Tensor, word_features: torch.Tensor
+) -> torch.Tensor:
+    """The released Deep-LIFT forward (yidaiqiushen/Deep-LIFT ``models.py``, ``GCNResnet`` in eval mode)
+    on its own state-dict layout, ``[B, C]`` logits, in its layer order:
+
+    ResNet ``features.0 … 7``; ``gen_adj(A)``; the word vectors (one copy per image) through
+    ``bn0`` (running statistics); two ``GraphConv``s, each ``ReLU([x ‖ att x] W + b)`` with
+    ``att = softmax_j(where(gen_adj(A) > 0, PReLU(f1(x)_i + f2(x)_j), -9e15))`` (``f1``, ``f2`` 1×1
+    ``Conv1d``); ``LeakyReLU(0.2)``; ``(x₂ W) F`` viewed as 14×14 (so 448 px inputs only);
+    ``AdaptiveAvgPool2d(1) + MaxPool2d(14, 14)``; ``mlp_2`` = Linear, LeakyReLU(0.2), Linear.
+    """
+    feature = released_features_trunk(state)(images)
+    batch = feature.shape[0]
+    feature = feature.reshape(batch, feature.shape[1], -1)
+    labels = released_deeplift_label_features(state, word_features, batch)  # x₂ W
+    classes = labels.shape[1]
+    lift = torch.matmul(labels, feature).reshape(batch, classes, 14, 14)
+    pooled = (F.adaptive_avg_pool2d(lift, 1) + F.max_pool2d(lift, 14, 14)).reshape(batch, -1)
+    return _linear(state, "mlp_2.3", F.leaky_relu(_linear(state, "mlp_2.1", pooled), 0.2))
+
+
+@torch.no_grad()
+def released_deeplift_label_features(
+    state: dict[str, torch.Tensor], word_features: torch.Tensor, batch: int = 1
+) -> torch.Tensor:
+    """The image-independent half of :func:`released_deeplift_logits`: ``x₂ W``, ``[batch, C, D]``
+    (the released code computes it once per image, from ``batch`` copies of the word vectors)."""
+    A = state["A"]
+    D = torch.diag(A.sum(1).pow(-0.5))
+    adj = torch.matmul(torch.matmul(A, D).t(), D)  # gen_adj
+    classes, dim = word_features.shape
+    x = F.batch_norm(word_features[None].expand(batch, classes, dim).reshape(-1, dim),
+                     state["bn0.running_mean"], state["bn0.running_var"], training=False)
+    x = x.reshape(batch, classes, dim)
+    for gc in ("gc1", "gc2"):
+        seq = x.transpose(1, 2)
+        f1 = F.conv1d(seq, state[f"{gc}.agg.f1.weight"], state[f"{gc}.agg.f1.bias"])
+        f2 = F.conv1d(seq, state[f"{gc}.agg.f2.weight"], state[f"{gc}.agg.f2.bias"])
+        logits = f1.transpose(2, 1) + f2
+        att = torch.where(adj > 0, F.prelu(logits, state[f"{gc}.agg.prelu.weight"]), -9e15 * torch.ones_like(adj))
+        aggregated = torch.bmm(torch.softmax(att, dim=2), x)
+        x = torch.einsum("bnd,df->bnf", torch.cat([x, aggregated], dim=2), state[f"{gc}.weight"])
+        x = F.relu(x + state[f"{gc}.bias"])
+    x2 = F.leaky_relu(x, 0.2)
+    return torch.matmul(x2, state["W"])
+
+
+@torch.no_grad()
+def random_resnet_state(name: str, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The state dict (``fc`` left out) of a torchvision ResNet ``name`` with random weights, random
+    BatchNorm scales and shifts (``U(0.5, 1.5)``, ``N(0, 0.1)``) and, as running statistics, those of
+    ``images`` (one cumulative train-mode pass, as :func:`calibrate_batchnorm`): the backbone of a
+    random released-layout checkpoint whose features depend on the image."""
+    import torchvision
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = getattr(torchvision.models, name)(weights=None)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+            module.reset_running_stats()
+            module.momentum = None
+    trunk = nn.Sequential(*(getattr(net, stage) for stage in _RESNET_TRUNK)).train()
+    trunk(images)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+def released_features_trunk(state: dict[str, torch.Tensor]) -> nn.Sequential:
+    """The ResNet trunk of a released checkpoint whose backbone is ``features.0 … features.7``
+    (``conv1, bn1, relu, maxpool, layer1 … layer4``: ML-GCN, Deep-LIFT, MCAR), in eval mode."""
+    names = dict(enumerate(_RESNET_TRUNK))
+    backbone = {}
+    for key, value in state.items():
+        if key.startswith("features."):
+            _, index, rest = key.split(".", 2)
+            backbone[f"{names[int(index)]}.{rest}"] = value
+    return released_resnet_trunk(backbone)
+
+
+@torch.no_grad()
+def released_mlgcn_logits(
+    state: dict[str, torch.Tensor], images: torch.Tensor, word_features: torch.Tensor
+) -> torch.Tensor:
+    """The released ML-GCN forward (Megvii-Nanjing/ML_GCN ``models.py``, ``GCNResnet``; ``gen_adj`` of
+    ``util.py``) on its own state-dict layout, ``[B, C]`` logits, in its layer order:
+
+    ResNet ``features.0 … 7``; ``MaxPool2d(14, 14)`` and flatten (defined for 448 to 864 px: a 14×14
+    to 27×27 map, of which it pools the top-left 14×14 block); ``adj = (A D)ᵀ D`` with
+    ``D = diag(rowsum(A))^-1/2``; ``x = LeakyReLU_0.2(adj (inp W₁))``, ``x = adj (x W₂)`` (``gc1``,
+    ``gc2``: ``weight`` ``[in, out]``, no bias); ``logits = feature xᵀ``.
+    """
+    feature = F.max_pool2d(released_features_trunk(state)(images), 14, 14)
+    feature = feature.reshape(feature.shape[0], -1)
+    A = state["A"]
+    D = torch.diag(A.sum(1).float().pow(-0.5))
+    adj = torch.matmul(torch.matmul(A, D).t(), D)
+    x = torch.matmul(adj, torch.matmul(word_features, state["gc1.weight"]))
+    x = F.leaky_relu(x, 0.2)
+    x = torch.matmul(adj, torch.matmul(x, state["gc2.weight"]))
+    return torch.matmul(feature, x.transpose(0, 1))
