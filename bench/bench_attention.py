@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if not __package__:  # run as ``python bench/bench_attention.py``: make the bench package importable
+    import _script  # noqa: F401
+
 import torch
-from _env import capture_environment, describe_machine
 from fastmlr.kernels import (
     softmax_attention_pool,
     softmax_attention_pool_reference,
@@ -45,6 +46,10 @@ from fastmlr.kernels import (
     tanh_attention_scores,
     tanh_attention_scores_reference,
 )
+
+from bench.environment import capture_environment, describe_machine
+from bench.timing import pair_with_baseline, summarize, time_calls, timer_for
+from bench.writers import markdown_table, write_json_and_markdown
 
 PATHS = ("srdl", "ssgrl")
 MEMORY_TARGET = 0.1  # chunked/fused peak over naive peak at the largest batch
@@ -109,9 +114,21 @@ def _peak_in_window(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Peak activation memory of the first call and the times of the calls after it."""
+
+    path: str
+    impl: str
+    batch: int
+    peak_bytes: int
+    time_ms: float
+    times_ms: list[float]
+
+
 def measure(
     path: str, impl: str, batch: int, classes: int, positions: int, dim: int, device: str, repeats: int, train: bool
-) -> dict:
+) -> Footprint:
     """Peak activation bytes of the first call and median ms of ``repeats`` more (run in a worker)."""
     x = make_inputs(batch, classes, positions, dim, device)
     if train:
@@ -131,19 +148,8 @@ def measure(
     before = _start_peak_window(device)
     call()
     peak = _peak_in_window(device) - before
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(1e3 * (time.perf_counter() - start))
-    return {
-        "path": path,
-        "impl": impl,
-        "batch": batch,
-        "peak_bytes": peak,
-        "time_ms": statistics.median(times),
-        "times_ms": times,
-    }
+    times = time_calls(call, repeats, timer_for(device, own_stream=True))
+    return Footprint(path, impl, batch, peak, summarize(times).median_ms, times)
 
 
 def run_worker(args: argparse.Namespace, path: str, impl: str, batch: int) -> dict:
@@ -178,22 +184,12 @@ def run_worker(args: argparse.Namespace, path: str, impl: str, batch: int) -> di
 
 def ratios(results: list[dict]) -> list[dict]:
     """For every non-naive row: naive peak / its peak and naive time / its time (same path, batch)."""
-    naive = {(r["path"], r["batch"]): r for r in results if r["impl"] == "naive"}
-    rows = []
-    for r in results:
-        base = naive.get((r["path"], r["batch"]))
-        if r["impl"] == "naive" or base is None:
-            continue
-        rows.append(
-            {
-                "path": r["path"],
-                "impl": r["impl"],
-                "batch": r["batch"],
-                "memory_fraction_of_naive": r["peak_bytes"] / max(1, base["peak_bytes"]),
-                "speedup_vs_naive": base["time_ms"] / r["time_ms"],
-            }
-        )
-    return rows
+    return [
+        {"path": r["path"], "impl": r["impl"], "batch": r["batch"],
+         "memory_fraction_of_naive": r["peak_bytes"] / max(1, base["peak_bytes"]),
+         "speedup_vs_naive": base["time_ms"] / r["time_ms"]}
+        for r, base in pair_with_baseline(results, ("path", "batch"), "impl", lambda r: "naive")
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -208,19 +204,14 @@ def markdown(report: dict) -> str:
         "",
         f"Peak = {report['memory_measure']}; time = median of {cfg['repeats']} calls.",
         "",
-        "| path | impl | B | peak MiB | time ms |",
-        "|---|---|---|---|---|",
+        markdown_table(["path", "impl", "B", "peak MiB", "time ms"],
+                       [[r["path"], r["impl"], r["batch"], f"{r['peak_bytes'] / 2**20:.1f}", f"{r['time_ms']:.2f}"]
+                        for r in report["results"]]),
+        "",
+        markdown_table(["path", "impl", "B", "peak / naive peak", "speed-up vs naive"],
+                       [[r["path"], r["impl"], r["batch"], f"{r['memory_fraction_of_naive']:.4f}",
+                         f"{r['speedup_vs_naive']:.2f}x"] for r in report["ratios"]]),
     ]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['path']} | {r['impl']} | {r['batch']} | {r['peak_bytes'] / 2**20:.1f} | {r['time_ms']:.2f} |"
-        )
-    lines += ["", "| path | impl | B | peak / naive peak | speed-up vs naive |", "|---|---|---|---|---|"]
-    for r in report["ratios"]:
-        lines.append(
-            f"| {r['path']} | {r['impl']} | {r['batch']} | {r['memory_fraction_of_naive']:.4f} | "
-            f"{r['speedup_vs_naive']:.2f}x |"
-        )
     lines += [
         "",
         f"Targets: peak <= {MEMORY_TARGET:g} x naive at the largest batch; fused >= "
@@ -255,21 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--batch, --classes, --positions, --dim, --repeats, --threads must be positive")
     if args.worker:
         path, impl, batch = args.worker
-        print(
-            json.dumps(
-                measure(
-                    path,
-                    impl,
-                    int(batch),
-                    args.classes,
-                    args.positions,
-                    args.dim,
-                    args.device,
-                    args.repeats,
-                    args.train,
-                )
-            )
-        )
+        footprint = measure(path, impl, int(batch), args.classes, args.positions, args.dim, args.device,
+                            args.repeats, args.train)
+        print(json.dumps(asdict(footprint)))
         return 0
     impls = ["naive", "chunked"] + (["triton"] if args.device == "cuda" else [])
     results = []
@@ -298,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        write_json_and_markdown(report, args.out, text)
     return 0
 
 

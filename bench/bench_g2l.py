@@ -29,35 +29,36 @@ B ∈ {1, 8, 32}. Groups:
     the op: in float32 that moves each sample by up to ~1e-5 px (≈1e-5 in value). Otherwise the
     same points and bilinear weights (every point lies inside its box, so padding never applies).
 
-Run (pytest-benchmark; not collected by CI, which runs ``pytest tests/``)::
-
-    pytest bench/bench_g2l.py --benchmark-disable -k B1        # smoke: every case once at B = 1
-    pytest bench/bench_g2l.py --benchmark-only                 # timings in pytest-benchmark's table
-
-Results file with speed-up ratios (JSON + markdown beside it)::
+Results file with speed-up ratios (JSON + markdown beside it); the harness (:mod:`bench.timing`)
+calls the implementations of a group and batch in turn, round after round::
 
     python bench/bench_g2l.py --out bench/results/g2l_cpu.json
     python bench/bench_g2l.py --device cuda --out bench/results/g2l_cuda.json
+    python bench/bench_g2l.py --batch 1 --repeats 1 --out /tmp/g2l.json          # smoke
 
-Targets on CPU (vs the released loop): localization ≥ 100×; whole step ≥ 15× at B = 8, ≥ 10× at B = 1.
+Speed-up targets on CPU (vs the released loop): localization ≥ 100×; whole step ≥ 15× at B = 8,
+≥ 10× at B = 1. ``tests/test_bench_cases.py`` checks that every timed case computes what the
+released code does.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pytest
+if not __package__:  # run as ``python bench/bench_g2l.py``: make the bench package importable
+    import _script  # noqa: F401
+
 import torch
 import torch.nn.functional as F
 import torchvision
-from _env import capture_environment, describe_allocator, describe_machine
 from fastmlr.kernels import crop_resize, localize_regions
 
+from bench.environment import capture_environment, describe_allocator, describe_machine
+from bench.timing import interleaved, pair_with_baseline, summarize
+from bench.writers import markdown_table, write_json_and_markdown
 from fastmlr.testing import released_crop_resize, released_global_to_local, released_localize
 
 SIZE = 448
@@ -169,110 +170,64 @@ def runnable(impl: str, device: str) -> bool:
     return impl != "triton" or device == "cuda"
 
 
-# ---- pytest-benchmark ----------------------------------------------------------------------------
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = [
-    pytest.param(group, impl, batch, id=f"{group}-{impl}-B{batch}")
-    for group, impls in GROUPS.items()
-    for impl in impls
-    for batch in BATCHES
-]
-
-
-@pytest.mark.parametrize(("group", "impl", "batch"), CASES)
-def test_g2l(benchmark, group: str, impl: str, batch: int) -> None:
-    if not runnable(impl, DEVICE):
-        pytest.skip("Triton is benchmarked on CUDA only")
-    benchmark.group = f"{group}-B{batch}"
-    run = case(group, impl, batch, DEVICE)
-    benchmark(lambda: (run(), torch.cuda.synchronize() if DEVICE == "cuda" else None))
-
-
-@pytest.mark.parametrize("batch", [pytest.param(1, id="B1")])
-def test_same_boxes_and_crops_as_released(batch: int) -> None:
-    """What is timed computes the same thing: identical boxes, crops equal to 1e-6."""
-    x = make_inputs(batch, DEVICE)
-    released_boxes, released_crops = released_global_to_local(x["images"], x["cam_logits"], x["global_scores"], TOP_N)
-    for impl in ("torch", "auto", "auto-out"):
-        boxes, crops = step(x, impl, local_batch(x["images"]) if impl == "auto-out" else None)
-        torch.testing.assert_close(boxes.cpu(), released_boxes.cpu(), rtol=0, atol=0)
-        torch.testing.assert_close(crops, released_crops, rtol=0, atol=1e-6)
-    torch.testing.assert_close(crop_grid_sample(x["images"], boxes), crops, rtol=0, atol=1e-4)
-
-
 # ---- results file --------------------------------------------------------------------------------
 
 
-def measure(group: str, batch: int, device: str, repeats: int) -> list[dict]:
-    """Wall times (ms) of every runnable implementation of ``group`` at ``batch``: one warm-up call
-    each, then ``repeats`` rounds that call each implementation once in turn, so a slow spell of a
-    shared machine hits all of them alike and the ratios stay fair."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    runs = {impl: case(group, impl, batch, device) for impl in GROUPS[group] if runnable(impl, device)}
-    times: dict[str, list[float]] = {impl: [] for impl in runs}
-    for run in runs.values():
-        run()
-        sync()
-    for _ in range(repeats):
-        for impl, run in runs.items():
-            start = time.perf_counter()
-            run()
-            sync()
-            times[impl].append(1e3 * (time.perf_counter() - start))
-    return [
-        {"group": group, "impl": impl, "batch": batch, "median_ms": statistics.median(t), "times_ms": t}
-        for impl, t in times.items()
-    ]
+@dataclass(frozen=True)
+class Timing:
+    """The times of one implementation of a group at a batch size."""
+
+    group: str
+    impl: str
+    batch: int
+    median_ms: float
+    times_ms: list[float]
+
+
+def measure(group: str, batch: int, device: str, repeats: int) -> list[Timing]:
+    """Every runnable implementation of ``group`` at ``batch``: a warm-up call each, then ``repeats``
+    interleaved rounds (:func:`bench.timing.interleaved`), wall time (synchronised on CUDA)."""
+    calls = {impl: case(group, impl, batch, device) for impl in GROUPS[group] if runnable(impl, device)}
+    timer = "perf_counter+sync" if device == "cuda" else "perf_counter"
+    times = interleaved(calls, repeats, timer)
+    return [Timing(group, impl, batch, summarize(t).median_ms, t) for impl, t in times.items()]
+
+
+def baseline_of(row: dict) -> str:
+    """The baseline of a row's group: the released code's loop (``loop`` for the crops)."""
+    return "loop" if row["group"] == "crop" else "released"
 
 
 def speedups(results: list[dict]) -> list[dict]:
-    """Each implementation's speed-up over the baseline of its group (released loop; crop: loop)."""
+    """Each implementation's speed-up over the baseline of its group and batch, and its target."""
     rows = []
-    by_key = {(r["group"], r["impl"], r["batch"]): r["median_ms"] for r in results}
-    for (group, impl, batch), ms in by_key.items():
-        baseline = "loop" if group == "crop" else "released"
-        if impl == baseline or (group, baseline, batch) not in by_key:
-            continue
-        ratio = by_key[(group, baseline, batch)] / ms
-        target = TARGETS.get((group, batch), TARGETS.get((group, None)))
-        if impl not in FASTMLR_IMPLS:
-            target = None
-        rows.append(
-            {
-                "group": group,
-                "impl": impl,
-                "batch": batch,
-                "baseline": baseline,
-                "speedup": ratio,
-                "target": target,
-                "meets_target": None if target is None else ratio >= target,
-            }
-        )
+    for r, base in pair_with_baseline(results, ("group", "batch"), "impl", baseline_of):
+        ratio = base["median_ms"] / r["median_ms"]
+        target = TARGETS.get((r["group"], r["batch"]), TARGETS.get((r["group"], None)))
+        target = target if r["impl"] in FASTMLR_IMPLS else None
+        rows.append({"group": r["group"], "impl": r["impl"], "batch": r["batch"], "baseline": base["impl"],
+                     "speedup": ratio, "target": target, "meets_target": None if target is None else ratio >= target})
     return rows
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        "# MCAR global-to-local step: released loop vs fastmlr",
-        "",
+    ratios = {(s["group"], s["impl"], s["batch"]): s for s in report["speedups"]}
+    rows = []
+    for r in report["results"]:
+        s = ratios.get((r["group"], r["impl"], r["batch"]))
+        speed = f"{s['speedup']:.1f}× vs {s['baseline']}" if s else "baseline"
+        target = f"≥ {s['target']:.0f}× ({'met' if s['meets_target'] else 'NOT met'})" if s and s["target"] else ""
+        rows.append([r["group"], r["impl"], r["batch"], f"{r['median_ms']:.2f}", speed, target])
+    header = (
         f"Machine: {describe_machine(report['environment'])}. Allocator: "
         f"{describe_allocator(report['environment'])}. Device: {report['config']['device']}. "
         f"448×448, C = {CLASSES}, {MAP_SIZE}×{MAP_SIZE} maps, top-{TOP_N}; median of "
         f"{report['config']['repeats']} calls after a warm-up, the implementations of a group and batch "
         "called in turn (a slow spell of the machine hits them alike). Boxes identical to the released loop: "
-        f"{report['boxes_match_released']}.",
-        "",
-        "| group | impl | B | median ms | speed-up vs baseline | target |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    ratios = {(s["group"], s["impl"], s["batch"]): s for s in report["speedups"]}
-    for r in report["results"]:
-        s = ratios.get((r["group"], r["impl"], r["batch"]))
-        speed = f"{s['speedup']:.1f}× vs {s['baseline']}" if s else "baseline"
-        target = f"≥ {s['target']:.0f}× ({'met' if s['meets_target'] else 'NOT met'})" if s and s["target"] else ""
-        lines.append(f"| {r['group']} | {r['impl']} | {r['batch']} | {r['median_ms']:.2f} | {speed} | {target} |")
-    return "\n".join(lines) + "\n"
+        f"{report['boxes_match_released']}."
+    )
+    table = markdown_table(["group", "impl", "B", "median ms", "speed-up vs baseline", "target"], rows)
+    return f"# MCAR global-to-local step: released loop vs fastmlr\n\n{header}\n\n{table}\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     for group in args.groups:
         for batch in args.batch:
             for row in measure(group, batch, args.device, args.repeats):
-                results.append(row)
-                print(f"{group:9s} {row['impl']:12s} B={batch:<3d} {row['median_ms']:10.2f} ms", flush=True)
+                results.append(asdict(row))
+                print(f"{group:9s} {row.impl:12s} B={batch:<3d} {row.median_ms:10.2f} ms", flush=True)
     report = {
         "environment": capture_environment(),
         "config": {
@@ -311,9 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "speedups": speedups(results),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_json_and_markdown(report, args.out, markdown(report))
     print(markdown(report))
 
 

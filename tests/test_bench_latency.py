@@ -1,4 +1,4 @@
-"""bench/latency.py and bench/plot.py: a tiny end-to-end run (MobileNetV2, 64×64, one warm-up, one
+"""bench/latency.py, its harness and bench/plot.py: a tiny end-to-end run (MobileNetV2, 64×64, one warm-up, one
 timed call; baseline and MCAR; eager, plus ONNX Runtime when fastmlr.export can export), the clean
 one-line error of an unavailable backend, and the pure pieces (statistics, planning, paper tables,
 derived tables)."""
@@ -15,15 +15,10 @@ import pytest
 import torch
 
 import fastmlr
+from bench import environment, latency, latency_tables, measure, paper_tables, plot, records, runners, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(BENCH))
-
-import _env  # noqa: E402
-import latency  # noqa: E402
-import paper_tables  # noqa: E402
-import plot  # noqa: E402
 
 
 def export_available() -> bool:
@@ -83,7 +78,7 @@ def test_tiny_run_writes_json_with_environment_and_measurements(tiny_run):
     # MCAR brings its baseline; eager times MCAR per Table IX column, exported backends whole.
     assert {
         ("baseline", "total", "eager"),
-        *(("mcar", c, "eager") for c in latency.MCAR_COMPONENTS),
+        *(("mcar", c, "eager") for c in runners.MCAR_COMPONENTS),
     } <= measured
     for backend in tiny_run["backends"]:
         assert ("mcar", "total", backend) in measured and ("baseline", "total", backend) in measured
@@ -102,7 +97,7 @@ def test_tiny_run_markdown_csv_and_progress(tiny_run):
     assert "| model | component |" in stdout and "MCAR per component" in stdout
     assert tiny_run["paths"][".md"].read_text() == stdout
     lines = tiny_run["paths"][".csv"].read_text().splitlines()
-    assert lines[0].split(",") == list(latency.CSV_FIELDS)
+    assert lines[0].split(",") == list(latency_tables.CSV_FIELDS)
     assert len(lines) == 1 + len(json.loads(tiny_run["paths"][".json"].read_text())["measurements"])
     assert "[1/" in tiny_run["stderr"] and "Traceback" not in tiny_run["stderr"]
 
@@ -123,7 +118,7 @@ def test_plot_rejects_a_file_without_measurements(tmp_path):
 
 
 @pytest.mark.skipif(
-    torch.cuda.is_available() and latency._importable("tensorrt"), reason="TensorRT and a GPU are available"
+    torch.cuda.is_available() and runners.importable("tensorrt"), reason="TensorRT and a GPU are available"
 )
 def test_unavailable_trt_is_one_clean_line():
     proc = run_script("latency.py", "--model", "mcar", "--backend", "trt", "--size", "64", timeout=120)
@@ -174,11 +169,11 @@ def test_make_model_loads_the_checkpoint_into_its_model_only(tmp_path):
     trained = fastmlr.create_model("mcar", backbone="mobilenet_v2", num_classes=5, image_size=64)
     save_checkpoint(trained, tmp_path / "mcar.pth")
     settings = make_settings(num_classes=5, checkpoint=str(tmp_path / "mcar.pth"), checkpoint_model="mcar")
-    loaded = latency.make_model(latency.Config("mcar", "mobilenet_v2", 64, "eager"), settings)
+    loaded = measure.make_model(records.Config("mcar", "mobilenet_v2", 64, "eager"), settings)
     assert torch.equal(loaded.convclass.weight, trained.convclass.weight)
-    baseline = latency.make_model(latency.Config("baseline", "mobilenet_v2", 64, "eager"), settings)
-    random_baseline = latency.make_model(
-        latency.Config("baseline", "mobilenet_v2", 64, "eager"), make_settings(num_classes=5)
+    baseline = measure.make_model(records.Config("baseline", "mobilenet_v2", 64, "eager"), settings)
+    random_baseline = measure.make_model(
+        records.Config("baseline", "mobilenet_v2", 64, "eager"), make_settings(num_classes=5)
     )
     assert torch.equal(baseline.convclass.weight, random_baseline.convclass.weight)  # seeded, not loaded
     assert not torch.equal(baseline.convclass.weight, trained.convclass.weight)
@@ -197,33 +192,32 @@ def test_table_ix_plan_and_override(capsys):
     ]
     assert lines == expected
     args = latency.build_parser().parse_args(["--table", "ix", "--backbone", "mobilenet_v2", "--size", "64"])
-    configs, skipped = latency.plan(args)
+    configs = latency.plan(args)
     assert [(c.model, c.backbone, c.size) for c in configs] == [
         ("baseline", "mobilenet_v2", 64),
         ("mcar", "mobilenet_v2", 64),
     ]
-    assert skipped == []
 
 
 def test_table_srdl3_plan_covers_its_rows():
     args = latency.build_parser().parse_args(["--table", "srdl3", "--backend", "eager,onnxruntime"])
-    configs, skipped = latency.plan(args)
+    configs = latency.plan(args)
     wanted = {r.model for r in paper_tables.SRDL_TABLE_3_ROWS if r.model is not None}
-    assert {c.model for c in configs} | set(skipped) == wanted
+    assert {c.model for c in configs} == wanted
     assert {(c.backbone, c.size) for c in configs} == {("resnet101", 448)}
     assert {c.backend for c in configs} == {"eager", "onnxruntime"}
 
 
 def test_summarize_statistics():
-    stats = latency.summarize([4.0, 1.0, 3.0, 2.0], batch=2)
-    assert stats["median_ms"] == 2.5 and stats["min_ms"] == 1.0 and stats["mean_ms"] == 2.5
-    assert stats["p90_ms"] == pytest.approx(3.7)  # linear interpolation: 3 + 0.7·(4 − 3)
-    assert stats["ms_per_image"] == 1.25 and stats["images_per_s"] == pytest.approx(800.0)
+    stats = timing.summarize([4.0, 1.0, 3.0, 2.0], batch=2)
+    assert stats.median_ms == 2.5 and stats.min_ms == 1.0 and stats.mean_ms == 2.5
+    assert stats.p90_ms == pytest.approx(3.7)  # linear interpolation: 3 + 0.7·(4 − 3)
+    assert stats.ms_per_image == 1.25 and stats.images_per_s == pytest.approx(800.0)
     with pytest.raises(ValueError, match="no samples"):
-        latency.summarize([], 1)
+        timing.summarize([], 1)
 
 
-def make_settings(**overrides) -> latency.Settings:
+def make_settings(**overrides) -> records.Settings:
     defaults = dict(
         batch=1,
         precision="fp32",
@@ -238,22 +232,22 @@ def make_settings(**overrides) -> latency.Settings:
         checkpoint_model=None,
         cache_dir=None,
     )
-    return latency.Settings(**{**defaults, **overrides})
+    return records.Settings(**{**defaults, **overrides})
 
 
 def test_measure_config_per_image_at_batch_2(tmp_path):
     settings = make_settings(batch=2, iters=2, num_classes=5)
-    config = latency.Config("baseline", "mobilenet_v2", 64, "eager")
+    config = records.Config("baseline", "mobilenet_v2", 64, "eager")
     messages = []
-    (m,) = latency.measure_config(config, settings, tmp_path, messages.append)
-    assert len(m["samples_ms"]) == 2 and m["ms_per_image"] == pytest.approx(m["median_ms"] / 2)
-    assert m["images_per_s"] == pytest.approx(2000.0 / m["median_ms"]) and m["first_call_ms"] > 0
+    (m,) = measure.measure_config(config, settings, tmp_path, messages.append)
+    assert len(m.samples_ms) == 2 and m.ms_per_image == pytest.approx(m.median_ms / 2)
+    assert m.images_per_s == pytest.approx(2000.0 / m.median_ms) and m.first_call_ms > 0
     assert messages == ["baseline mobilenet_v2 64x64 eager total: warm-up 1, 2 timed calls"]
 
 
 def test_time_calls_counts_and_measures():
     calls = []
-    samples = latency.time_calls(lambda: calls.append(1), 3, "perf_counter")
+    samples = timing.time_calls(lambda: calls.append(1), 3, "perf_counter")
     assert len(samples) == 3 == len(calls) and all(s >= 0 for s in samples)
 
 
@@ -305,30 +299,30 @@ def test_derived_tables_from_measurements():
         *(fake_measurement("mcar", c, v) for c, v in ms.items()),
         fake_measurement("mcar", "total", 50.0, "onnxruntime"),
     ]
-    rows = latency.mcar_breakdown(measurements)
+    rows = latency_tables.mcar_breakdown(measurements)
     assert [(r["backend"], r["ratio_total_baseline"]) for r in rows] == [
         ("eager", 5.0),
         ("onnxruntime", 50.0 / 9.5),
     ]
     assert rows[0]["paper_ratio_total_baseline"] == pytest.approx(82.8 / 18.4)
     assert rows[1]["ours_ms"]["global"] is None  # exported backends time MCAR whole
-    ups = {(s["model"], s["component"], s["backend"]): s["speedup_over_eager"] for s in latency.speedups(measurements)}
-    assert ups == {("baseline", "total", "onnxruntime"): 2.0, ("mcar", "total", "onnxruntime"): 1.9}
-    settings = make_settings()
-    met = {
-        (t["target"], t["backend"]): t["met"] for t in latency.targets(rows, latency.speedups(measurements), settings)
+    ups = {
+        (s["model"], s["component"], s["backend"]): s["speedup_over_eager"]
+        for s in latency_tables.speedups(measurements)
     }
+    assert ups == {("baseline", "total", "onnxruntime"): 2.0, ("mcar", "total", "onnxruntime"): 1.9}
+    targets = latency_tables.latency_targets(rows, latency_tables.speedups(measurements), batch=1, device="cpu")
+    met = {(t["target"], t["backend"]): t["met"] for t in targets}
     assert met == {
         ("MCAR total / baseline", "eager"): True,
         ("MCAR total / baseline", "onnxruntime"): False,
         ("ONNX Runtime speed-up over eager (baseline)", "onnxruntime"): True,
         ("ONNX Runtime speed-up over eager (mcar)", "onnxruntime"): True,
     }
-    assert latency.targets(rows, [], make_settings(batch=2)) == []
-    srdl = latency.srdl3_rows(measurements, skipped=["ssgrl"])
+    assert latency_tables.latency_targets(rows, [], batch=2, device="cpu") == []
+    srdl = latency_tables.srdl3_rows(measurements)
     status = {(r["label"], r["backend"]): r["status"] for r in srdl}
     assert status[("P-GCN", "eager")] == "not implemented in fastmlr"
-    assert status[("SSGRL", "eager")] == "not registered yet"
     assert status[("ML-GCN", "eager")] == "not measured"
     global_row = next(r for r in srdl if r["label"] == "MACR (Global)" and r["backend"] == "eager")
     assert global_row["ours_vs_baseline"] == pytest.approx(20.0 / 19.0)
@@ -385,6 +379,6 @@ def test_plot_data_from_measurements():
 def test_cpu_model_reads_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU @ 2.0GHz\n\nmodel name\t: other\n")
-    assert _env.cpu_model(info) == "Example CPU @ 2.0GHz"
-    assert _env.cpu_model(tmp_path / "missing") != ""
-    assert _env.package_version(("surely-not-installed-pkg",)) is None
+    assert environment.cpu_model(info) == "Example CPU @ 2.0GHz"
+    assert environment.cpu_model(tmp_path / "missing") != ""
+    assert environment.package_version(("surely-not-installed-pkg",)) is None

@@ -1,0 +1,60 @@
+"""Writers of benchmark results: JSON, markdown tables, CSV; the format chosen by a path's suffix."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+OUT_SUFFIXES = (".json", ".md", ".csv")
+
+
+def format_ms(value: float | None) -> str:
+    """A time in ms for a table: ``—`` for none, one decimal from 10 ms, two below."""
+    return "—" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table; cells are written with ``str``."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_json(result: Mapping) -> str:
+    return json.dumps(result, indent=2) + "\n"
+
+
+def to_csv(rows: Iterable[Mapping], fields: Sequence[str]) -> str:
+    """One line per row with ``fields`` as the header (other keys ignored)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def check_suffixes(paths: Iterable[str | Path], suffixes: Sequence[str] = OUT_SUFFIXES) -> None:
+    """``ValueError`` naming the first path whose suffix is not one of ``suffixes``."""
+    for path in paths:
+        if Path(path).suffix not in suffixes:
+            raise ValueError(f"--out {path}: the suffix must be one of {', '.join(suffixes)}")
+
+
+def write_outputs(
+    result: Mapping, paths: Iterable[str | Path], renderers: Mapping[str, Callable[[Mapping], str]]
+) -> None:
+    """Write ``result`` to each path with the renderer of its suffix (``renderers[".md"]`` ...),
+    creating missing directories."""
+    for path in map(Path, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(renderers[path.suffix](result))
+
+
+def write_json_and_markdown(result: Mapping, json_path: Path, markdown: str) -> None:
+    """``result`` as JSON at ``json_path`` and ``markdown`` beside it (``.md``)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(to_json(result))
+    json_path.with_suffix(".md").write_text(markdown)
