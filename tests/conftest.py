@@ -24,4 +24,7 @@ def shared_images() -> list[pathlib.Path]:
     return find_images()
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def requires_cuda(test):  # noqa: ANN001, ANN201 - a test function or class
+    """Marks a test ``cuda`` (``pytest -m cuda`` selects the GPU tests: bench/gpu_suite.sh) and skips it
+    where torch sees no CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
