@@ -1,0 +1,506 @@
+"""Reduced-precision ONNX graphs: INT8 through calibrated Q/DQ nodes, fp16 and bf16 through casts.
+
+Precision lives in the graph, which is what ONNX Runtime (CPU, CUDA) and strongly typed TensorRT
+networks (the only kind TensorRT 11 builds) both read:
+
+- ``"int8"``: ONNX Runtime's static quantizer (``onnxruntime.quantization.quantize_static``) inserts
+  QuantizeLinear/DequantizeLinear pairs on the inputs and outputs of every Conv, MatMul and Gemm, with
+  activation ranges calibrated on real images (``minmax``, ``entropy`` or ``percentile``, per tensor)
+  and weights signed and symmetric, per output channel (or per tensor). Activations are uint8 with a
+  zero point by default, the form ONNX Runtime's CPU provider fuses into integer convolutions (a
+  ReLU folds into the zero point); ``symmetric_activations=True`` writes signed, zero-point-0
+  activations, the only INT8 Q/DQ TensorRT builds. On this project's x86 CPU the signed form ran no
+  faster than float32 in ONNX Runtime (each ReLU stays a float op between a DQ and a Q, and the
+  convolutions after it are not fused), hence two forms (``bench/results``).
+- ``"fp16"`` / ``"bf16"``: NVIDIA ModelOpt's AutoCast (``modelopt.onnx.autocast``) converts the
+  floating nodes and their weights to the low type and inserts Cast nodes at the region's borders;
+  the graph's inputs and outputs stay float32.
+
+In both, MCAR's decision path stays float32 (:func:`decision_nodes`): the classifier on the pooled
+features and on the feature map (the class maps), the sigmoid, the top-N ranking, the whole
+localization (profiles, min-max normalisation, interval search) and the crop coordinates and
+crop-resize. Converting them would change which boxes are cropped, or where, not just the values.
+The backbone, the local stream and every other model's heads run in the low precision.
+
+On a CPU, ONNX Runtime runs INT8 graphs fast, fp16 graphs slowly (its CPU provider computes most fp16
+ops by casting back to float32) and bf16 graphs not at all (no bf16 convolution), so a bf16 graph is
+validated here by :func:`emulation_graph`: the same graph with every bf16 tensor held in float32 and
+rounded to bf16 after each node.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fastmlr.data import eval_transform, load_image
+
+from .validation import DEFAULT_IMAGES_DIR, find_images
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Ops whose inputs get Q/DQ pairs: the arithmetic that dominates every model's cost.
+QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+#: Outputs that are discrete decisions: no node that computes them from the backbone's features is
+#: converted to a low precision.
+DECISION_OUTPUTS = ("boxes", "indices")
+#: The module scope of every model's backbone (``model.features``) in exported node names.
+BACKBONE_SCOPE = "/features/"
+#: The packaged photos used for calibration when none are given; the other packaged photos (``voc/``)
+#: are left for validation, so that agreement is measured on images the calibration did not see.
+DEFAULT_CALIBRATION_DIR = DEFAULT_IMAGES_DIR / "coco"
+PRECISION_METADATA_KEY = "fastmlr.precision"
+
+QUANT_MISSING = 'the int8 conversion needs ONNX Runtime\'s quantizer: pip install -e ".[onnx]"'
+AUTOCAST_MISSING = (
+    "fp16/bf16 graphs are made with NVIDIA ModelOpt's AutoCast, which is not installed: "
+    'pip install -e ".[quant]"'
+)
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else ``ValueError`` naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    return precision
+
+
+def check_calibration_method(method: str) -> str:
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {list(CALIBRATION_METHODS)}")
+    return method
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Calibration inputs: one ``[1, 3, S, S]`` float32 batch per readable image (the papers' test
+    transform, ImageNet-normalised), the files they came from, and the unreadable files skipped
+    (``(path, reason)``)."""
+
+    batches: list[np.ndarray]
+    paths: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def load_calibration(
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None, image_size: int, *, limit: int | None = None
+) -> CalibrationSet:
+    """Read the calibration images: a directory (every ``.jpg/.jpeg/.png`` under it) or a list of files;
+    ``None`` means the packaged COCO photos (:data:`DEFAULT_CALIBRATION_DIR`), with a warning that
+    ranges calibrated on 6 photos are a stand-in for a few hundred images of the deployment's data.
+    At most ``limit`` images are read. Unreadable images are skipped with a warning and counted.
+
+    ``FileNotFoundError`` for a missing directory or file; ``ValueError`` for a directory without
+    images, an empty list, or when no image could be read."""
+    if source is None:
+        warnings.warn(
+            f"calibrating INT8 ranges on the packaged validation photos ({DEFAULT_CALIBRATION_DIR}); "
+            "pass calibration=DIR (--calibration) with a few hundred images of your own data for a "
+            "deployment", stacklevel=3)
+        source = DEFAULT_CALIBRATION_DIR
+    if not isinstance(source, (str, os.PathLike)) and len(source) == 0:
+        raise ValueError("int8 needs calibration images, and the list given is empty")
+    paths = find_images(source)
+    if limit is not None:
+        paths = paths[:limit]
+    transform = eval_transform(image_size)
+    batches, used, skipped = [], [], []
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ValueError as err:
+            skipped.append((path, str(err)))
+            continue
+        batches.append(transform(image).unsqueeze(0).numpy().astype(np.float32))
+        used.append(path)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(paths)} calibration images as unreadable: "
+                      + "; ".join(reason for _, reason in skipped[:3]) + (" ..." if len(skipped) > 3 else ""),
+                      stacklevel=3)
+    if not batches:
+        raise ValueError(f"none of the {len(paths)} calibration images could be read")
+    return CalibrationSet(batches, used, skipped)
+
+
+def fold_initializer_identities(model: onnx.ModelProto) -> int:
+    """Remove ``Identity`` nodes whose input is an initializer, pointing their consumers at the
+    initializer itself (in place); returns how many were removed.
+
+    The exporter writes one such node per use of a weight that several modules share (MCAR's global
+    and local streams run the same backbone). The quantizer recognises weights only as initializers,
+    so without this pass the local stream's weights would be quantized like activations: per tensor,
+    from calibration ranges."""
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    renames = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
+            renames[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    if not renames:
+        return 0
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(renames)
+
+
+def separate_shared_initializers(model: onnx.ModelProto, nodes: Sequence[str]) -> int:
+    """Give the nodes named in ``nodes`` their own copy (``<name>.fp32``) of every initializer they
+    share with a node outside them (in place); returns how many copies were made. MCAR's classifier
+    runs on the global pooled features and class maps (kept float32) and on the local stream
+    (converted): a shared weight would otherwise be converted for both."""
+    graph = model.graph
+    keep = set(nodes)
+    initializers = {init.name: init for init in graph.initializer}
+    used_outside = {name for node in graph.node if node.name not in keep for name in node.input}
+    copies: dict[str, str] = {}
+    for node in graph.node:
+        if node.name not in keep:
+            continue
+        for i, name in enumerate(node.input):
+            if name in initializers and name in used_outside:
+                if name not in copies:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(initializers[name])
+                    copy.name = copies[name] = f"{name}.fp32"
+                    graph.initializer.append(copy)
+                node.input[i] = copies[name]
+    return len(copies)
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _ancestor_nodes(graph: onnx.GraphProto, tensors: Iterable[str]) -> list[onnx.NodeProto]:
+    """Every node a value in ``tensors`` depends on, the producers included."""
+    producers = _producers(graph)
+    seen: dict[str, onnx.NodeProto] = {}
+    stack = list(tensors)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen[node.name] = node
+        stack.extend(node.input)
+    return list(seen.values())
+
+
+def decision_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes on the graph's decision path, which stays float32: those that compute the
+    decision outputs (:data:`DECISION_OUTPUTS`: MCAR's ``boxes`` and ``indices``) from the backbone's
+    features (classifier, sigmoid, top-N, localization), and those that turn the decisions into the
+    next backbone's input (crop coordinates and the crop-resize). The backbone itself (node scope
+    :data:`BACKBONE_SCOPE`, every model's ``model.features``) is never on it. Empty for graphs
+    without decision outputs (every model but MCAR)."""
+    graph = model.graph
+    decisions = [o.name for o in graph.output if o.name in DECISION_OUTPUTS]
+    if not decisions:
+        return []
+    unnamed = [n for n in graph.node if not n.name]
+    if unnamed:
+        raise ValueError(f"the graph has {len(unnamed)} unnamed nodes; fastmlr's exports name every node")
+    upstream = {n.name for n in _ancestor_nodes(graph, decisions) if BACKBONE_SCOPE not in n.name}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    downstream: set[str] = set()
+    stack = [node for name in decisions for node in consumers.get(name, [])]
+    while stack:
+        node = stack.pop()
+        if node.name in downstream or BACKBONE_SCOPE in node.name:
+            continue
+        downstream.add(node.name)
+        stack.extend(c for out in node.output for c in consumers.get(out, []))
+    return sorted(upstream | downstream)
+
+
+class _Reader:
+    """The ``CalibrationDataReader`` protocol over a list of input batches."""
+
+    def __init__(self, input_name: str, batches: Sequence[np.ndarray]) -> None:
+        self._feeds = iter([{input_name: b} for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8(
+    model: onnx.ModelProto,
+    out_path: str | os.PathLike,
+    calibration: CalibrationSet,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    symmetric_activations: bool = False,
+) -> None:
+    """Write the INT8 Q/DQ form of the float32 ``model`` to ``out_path`` (ONNX Runtime's static
+    quantizer, QDQ format): Q/DQ pairs on the inputs of every Conv/MatMul/Gemm but the nodes named in
+    ``exclude``, activation ranges from running ``calibration`` through the graph with ``method``,
+    activations per tensor, weights signed and symmetric per output channel (``per_channel``) or per
+    tensor. Activations are uint8 with a zero point, or int8 with zero point 0 with
+    ``symmetric_activations`` (see :func:`convert_precision`)."""
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    except ImportError as err:
+        raise RuntimeError(QUANT_MISSING) from err
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    input_name = model.graph.input[0].name
+    quantize_static(
+        model, os.fspath(out_path), _Reader(input_name, calibration.batches),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=per_channel,
+        activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+        calibrate_method=methods[check_calibration_method(method)],
+        extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+    )
+
+
+def cast_precision(model: onnx.ModelProto, precision: str, *, exclude: Sequence[str] = ()) -> onnx.ModelProto:
+    """The fp16 or bf16 form of the float32 ``model`` (NVIDIA ModelOpt AutoCast): every floating node
+    but those named in ``exclude`` computes in ``precision`` on converted weights, Cast nodes sit at
+    the borders, inputs and outputs stay float32.
+
+    For fp16, AutoCast first runs the float32 graph in ONNX Runtime on random inputs and keeps in
+    float32 any node whose inputs or outputs exceed 512 in magnitude (fp16 overflows at 65504, and a
+    large value keeps few fractional bits); bf16 has float32's range, so that run is skipped."""
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as err:
+        raise RuntimeError(AUTOCAST_MISSING) from err
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fastmlr-autocast-") as scratch:
+        source = Path(scratch) / "fp32.onnx"
+        onnx.save(model, os.fspath(source))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert_to_mixed_precision(
+                os.fspath(source), low_precision_type=precision, nodes_to_exclude=list(exclude), keep_io_types=True,
+                data_max=512 if precision == "fp16" else np.inf,
+            )
+    return converted
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """The precision a fastmlr graph was converted to (its ``fastmlr.precision`` metadata; float32
+    when absent)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return meta.get(PRECISION_METADATA_KEY, "fp32")
+
+
+def set_graph_precision(model: onnx.ModelProto, precision: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == PRECISION_METADATA_KEY:
+            prop.value = precision
+            return
+    model.metadata_props.add(key=PRECISION_METADATA_KEY, value=precision)
+
+
+def uint8_activations(model: onnx.ModelProto) -> list[str]:
+    """Names of the QuantizeLinear nodes that quantize to uint8 (ONNX Runtime's asymmetric CPU form),
+    which TensorRT does not build: its INT8 Q/DQ is signed with zero point 0."""
+    zero_points = {init.name: init.data_type for init in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+            and zero_points.get(n.input[2]) == TensorProto.UINT8]
+
+
+def convert_precision(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    precision: str,
+    *,
+    image_size: int,
+    calibration: CalibrationSet | None = None,
+    calibration_method: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool = False,
+) -> list[str]:
+    """Write the ``precision`` form of the float32 graph at ``fp32_path`` to ``out_path`` and return the
+    names of the nodes kept in float32 as MCAR's decision path (:func:`decision_nodes`).
+
+    ``"int8"`` needs ``calibration`` (:func:`load_calibration`). Its activations are uint8 with a zero
+    point (asymmetric), ONNX Runtime's fast form on x86 CPUs, where a uint8 QuantizeLinear with zero
+    point 0 also does the ReLU before it; ``symmetric_activations=True`` writes int8 with zero point
+    0, the only form TensorRT builds (ONNX Runtime runs it too, without that fusion)."""
+    check_precision(precision)
+    model = onnx.load(os.fspath(fp32_path))
+    fold_initializer_identities(model)
+    keep = decision_nodes(model)
+    separate_shared_initializers(model, keep)
+    if precision == "fp32":
+        converted = model
+    elif precision == "int8":
+        if calibration is None:
+            raise ValueError("int8 needs calibration images (calibration=DIR or a list of image files)")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="fastmlr-int8-") as scratch:
+            quantized = Path(scratch) / "int8.onnx"
+            quantize_int8(model, quantized, calibration, method=calibration_method, per_channel=per_channel,
+                          exclude=keep, symmetric_activations=symmetric_activations)
+            converted = onnx.load(os.fspath(quantized))
+    else:
+        converted = cast_precision(model, precision, exclude=keep)
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(model.metadata_props)
+    set_graph_precision(converted, precision)
+    onnx.save(converted, os.fspath(out_path))
+    return keep
+
+
+_LOW_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _float32_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+
+
+def emulation_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float32 graph that computes what ``model`` (an fp16 or bf16 graph) computes, for runtimes
+    without kernels of that type (ONNX Runtime's CPU provider has no bf16 convolution).
+
+    Every fp16/bf16 tensor is held in float32 and rounded to its type where the graph produces it: a
+    Cast to the low type becomes that Cast followed by a Cast back to float32, and every other node
+    with a low-precision output gets the same pair after it; low-precision weights and constants are
+    widened exactly. Each node thus computes in float32 on rounded inputs and rounds its result, as
+    a TensorRT kernel that accumulates in float32 and stores fp16/bf16 does."""
+    emulated = onnx.ModelProto()
+    emulated.CopyFrom(model)
+    graph = emulated.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    for i, init in enumerate(graph.initializer):
+        if init.data_type in _LOW_TYPES:
+            graph.initializer[i].CopyFrom(_float32_tensor(init))
+    nodes = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _LOW_TYPES:
+                attr.t.CopyFrom(_float32_tensor(attr.t))
+        is_low_cast = node.op_type == "Cast" and any(a.name == "to" and a.i in _LOW_TYPES for a in node.attribute)
+        rounded = []
+        for k, out in enumerate(node.output):
+            elem = next(a.i for a in node.attribute if a.name == "to") if is_low_cast else types.get(out)
+            if elem in _LOW_TYPES:
+                raw = f"{out}__float32"
+                node.output[k] = raw
+                rounded.append((raw, out, elem))
+        if is_low_cast:
+            node.attribute.remove(next(a for a in node.attribute if a.name == "to"))
+            node.attribute.append(helper.make_attribute("to", TensorProto.FLOAT))
+        nodes.append(node)
+        for raw, out, elem in rounded:
+            nodes.append(helper.make_node("Cast", [raw], [f"{out}__low"], to=elem, name=f"{out}__round"))
+            nodes.append(helper.make_node("Cast", [f"{out}__low"], [out], to=TensorProto.FLOAT,
+                                          name=f"{out}__widen"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    for value in [*graph.input, *graph.output]:
+        if value.type.tensor_type.elem_type in _LOW_TYPES:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return emulated
+
+
+def precision_session(
+    path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None, validation: bool = False
+):  # noqa: ANN201 - an onnxruntime.InferenceSession
+    """An ONNX Runtime session (:func:`fastmlr.runtime.ort_session`) on a fastmlr graph of any
+    precision. On the CPU, a bf16 graph is refused (ONNX Runtime has no bf16 convolution there) unless
+    ``validation``, which runs its :func:`emulation_graph`; an fp16 graph runs, with a warning that it
+    is slow (ONNX Runtime's CPU provider computes most fp16 ops through float32 casts) unless
+    ``validation``."""
+    from fastmlr.runtime import ort_session
+
+    precision = graph_precision(onnx.load(os.fspath(path), load_external_data=False))
+    if device == "cpu" and precision == "bf16":
+        if not validation:
+            raise ValueError(
+                "ONNX Runtime's CPU provider has no bf16 kernels, so this bf16 graph cannot run on the CPU; "
+                "run it with TensorRT or ONNX Runtime's CUDA provider, or export int8 (fast on CPUs) or fp32")
+        return ort_session(emulation_graph(onnx.load(os.fspath(path))).SerializeToString(), device=device,
+                           threads=threads)
+    if device == "cpu" and precision == "fp16" and not validation:
+        warnings.warn("running an fp16 graph on ONNX Runtime's CPU provider, which computes most fp16 ops through "
+                      "float32 casts: expect it slower than fp32; fp16 graphs are for GPUs (TensorRT, CUDA), "
+                      "int8 is the fast precision on CPUs", stacklevel=2)
+    return ort_session(path, device=device, threads=threads)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a reduced-precision artifact agrees with the float32 PyTorch model on held-out images:
+    ``label_agreement`` the share of (image, class) pairs on the same side of the 0.5 threshold,
+    ``top3_agreement`` the share of images with the same three top classes (as a set), ``max_abs_diff``
+    / ``mean_abs_diff`` of the final probabilities, and for MCAR ``identical_boxes`` the share of
+    regions (image, rank) with the same class and the same box (``None`` otherwise)."""
+
+    images: int
+    label_agreement: float
+    top3_agreement: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    identical_boxes: float | None
+
+    def describe(self) -> str:
+        boxes = "" if self.identical_boxes is None else f", identical boxes {100 * self.identical_boxes:.1f}%"
+        return (f"on {self.images} held-out images: labels at 0.5 agree {100 * self.label_agreement:.2f}%, "
+                f"top-3 {100 * self.top3_agreement:.1f}%, |Δprob| max {self.max_abs_diff:.3g} "
+                f"mean {self.mean_abs_diff:.3g}{boxes}")
+
+
+def agreement(
+    outputs: Sequence[dict[str, np.ndarray]], references: Sequence[dict[str, np.ndarray]]
+) -> Agreement:
+    """:class:`Agreement` of an artifact's outputs with the reference's, batch by batch (``probs``, and
+    ``boxes`` / ``indices`` where present)."""
+    probs = np.concatenate([np.asarray(o["probs"], np.float64) for o in outputs])
+    ref = np.concatenate([np.asarray(r["probs"], np.float64) for r in references])
+    if probs.shape != ref.shape or probs.size == 0:
+        raise ValueError(f"cannot compare probabilities of shapes {probs.shape} and {ref.shape}")
+    diff = np.abs(probs - ref)
+    top3 = [set(np.argsort(-p, kind="stable")[:3]) == set(np.argsort(-r, kind="stable")[:3])
+            for p, r in zip(probs, ref, strict=True)]
+    boxes = None
+    if all("boxes" in o for o in outputs) and all("boxes" in r for r in references):
+        same = [np.all(o["boxes"] == r["boxes"], axis=-1) & (o["indices"] == r["indices"])
+                for o, r in zip(outputs, references, strict=True)]
+        boxes = float(np.concatenate([s.reshape(-1) for s in same]).mean())
+    return Agreement(len(probs), float(((probs >= 0.5) == (ref >= 0.5)).mean()), float(np.mean(top3)),
+                     float(diff.max()), float(diff.mean()), boxes)
+
+
+def held_out_images(
+    images: str | os.PathLike | Sequence[str | os.PathLike] | None, calibration: CalibrationSet | None
+) -> list[Path]:
+    """The validation images (:func:`~fastmlr.export.validation.find_images`) without those used for
+    calibration, so that agreement is measured on images the ranges were not fitted to. Empty, with a
+    warning, when every validation image was a calibration image (validation then runs on random
+    inputs only)."""
+    paths = find_images(images)
+    if calibration is None:
+        return paths
+    used = {p.resolve() for p in calibration.paths}
+    held_out = [p for p in paths if p.resolve() not in used]
+    if not held_out:
+        warnings.warn("every validation image was used for calibration; the int8 graph is validated on random "
+                      "inputs only: pass images= (--images) that the calibration did not see", stacklevel=3)
+    return held_out
