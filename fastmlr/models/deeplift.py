@@ -27,6 +27,12 @@ Quirks of the released code, reproduced or accounted for:
   output, so it is not applied.
 - The released forward reshapes the LIFT map to 14×14 and max-pools with a 14×14 window: it runs
   only at 448 px, where this is the global maximum, which fastmlr computes at every size.
+- The released code feeds the word vectors once per image (``[B, C, 300]``) and runs the graph
+  layers per image; they do not depend on the image, so fastmlr runs them once. In training the
+  embedding BatchNorm then normalises the same way but updates its running variance with the
+  unbiased factor of ``C`` rows instead of ``B·C``.
+- The repository's COCO script imports a ``models2`` module it does not publish; this is the
+  ``models.py`` network, the one its VOC script trains.
 
 Parameters at ResNet-101, C = 80: 51,521,854 (backbone 42,500,160). The released state dict holds
 51,543,862 (51.544 M; the paper states 51.51 M): the 22,008 more are ``mlp_1`` (12,960), the
