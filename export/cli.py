@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastmlr.checks import check_output_dir, check_output_file
+from fastmlr.cli import add_model_options, model_arguments
 from fastmlr.registry import create_model, list_models
 
-from .onnx_export import check_image_size, check_output_path
+from .onnx_export import check_image_size
 from .validation import TOLERANCES
 
 FORMATS = ("onnx", "trt", "triton-server")
@@ -28,9 +30,11 @@ FORMATS = ("onnx", "trt", "triton-server")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastmlr export``."""
     parser.add_argument("--model", required=True, help=f"registered model: {', '.join(list_models())}")
-    parser.add_argument("--backbone", default="resnet101", help="resnet50, resnet101 or mobilenet_v2 (resnet101)")
-    parser.add_argument("--num-classes", type=int, default=80, help="number of classes (80: COCO)")
-    parser.add_argument("--size", type=int, default=448, help="input image side, a multiple of 32 (448)")
+    parser.add_argument("--backbone", help="resnet50, resnet101 or mobilenet_v2 (default: the checkpoint's, "
+                        "else resnet101)")
+    parser.add_argument("--num-classes", type=int, help="number of classes (default: the checkpoint's, else 80)")
+    parser.add_argument("--size", type=int, help="input image side, a multiple of 32 (default: the checkpoint's, "
+                        "else 448)")
     parser.add_argument("--batch", type=int, default=1,
                         help="batch size; with --dynamic-batch or triton-server the largest batch (1)")
     parser.add_argument("--dynamic-batch", action="store_true",
@@ -47,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory of validation images (default: the packaged COCO and VOC validation photos)")
     parser.add_argument("--out", required=True,
                         help="output file (.onnx / .plan) or, for triton-server, the model repository directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_model_options(parser)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -60,26 +66,33 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown precision {args.precision!r}; choose one of {list(TOLERANCES)}")
     if args.format == "onnx" and args.precision != "fp32":
         raise ValueError("--precision applies to TensorRT engines (--format trt); ONNX is exported in fp32")
-    check_image_size(args.size)
+    if args.size is not None:
+        check_image_size(args.size)
+    if args.images is not None and not Path(args.images).exists():
+        raise FileNotFoundError(f"--images {args.images} does not exist")
     if args.batch < 1:
         raise ValueError(f"--batch must be a positive integer, got {args.batch}")
     if args.format == "triton-server":
         if not Path(args.out).parent.is_dir():
             raise FileNotFoundError(f"cannot create the model repository {args.out}: its parent directory is missing")
+        model_file = "model.onnx" if args.triton_platform == "onnx" else "model.plan"
+        check_output_dir(args.out, "--out", (f"{args.model}/config.pbtxt", f"{args.model}/1/{model_file}"),
+                         args.overwrite)
     else:
-        check_output_path(args.out)
+        check_output_file(args.out, "--out", args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the model, export it as ``--format`` says, print where the artifact went."""
     check_arguments(args)
     model = create_model(args.model, backbone=args.backbone, num_classes=args.num_classes, image_size=args.size,
-                         checkpoint=args.checkpoint)
+                         checkpoint=args.checkpoint, **model_arguments(args))
+    size = model.image_size  # the checkpoint's when --size is left out
     if args.format == "onnx":
         from .onnx_export import to_onnx
 
         reports = []
-        out = to_onnx(model, args.out, image_size=args.size, batch=args.batch, dynamic_batch=args.dynamic_batch,
+        out = to_onnx(model, args.out, image_size=size, batch=args.batch, dynamic_batch=args.dynamic_batch,
                       opset=args.opset, images=args.images, on_validated=reports.append)
         print(f"wrote {out} (ONNX opset {args.opset}, validated against PyTorch in ONNX Runtime)")
         print("\n".join(report.summary() for report in reports))
@@ -87,14 +100,14 @@ def run(args: argparse.Namespace) -> int:
         from .tensorrt import export_engine
 
         min_batch = 1 if args.dynamic_batch else args.batch
-        out = export_engine(model, args.out, image_size=args.size, precision=args.precision, min_batch=min_batch,
+        out = export_engine(model, args.out, image_size=size, precision=args.precision, min_batch=min_batch,
                             opt_batch=args.batch, max_batch=args.batch, opset=args.opset, images=args.images)
         print(f"wrote {out} (TensorRT {args.precision} engine, batches {min_batch}..{args.batch}, "
               "validated against PyTorch)")
     else:
         from .triton_server import write_triton_repository
 
-        out = write_triton_repository(model, args.out, image_size=args.size, max_batch_size=args.batch,
+        out = write_triton_repository(model, args.out, image_size=size, max_batch_size=args.batch,
                                       platform=args.triton_platform, precision=args.precision, opset=args.opset,
                                       images=args.images)
         print(f"wrote {out} (Triton Inference Server model, max_batch_size {args.batch}, validated against PyTorch)")

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -106,6 +107,9 @@ def check_export_args(model: nn.Module, image_size: int, batch: int, opset: int)
             f"opset must be an integer in {MIN_OPSET}..{MAX_TORCHSCRIPT_OPSET} (TensorRT reads opsets from "
             f"{MIN_OPSET}; torch's TorchScript exporter writes up to {MAX_TORCHSCRIPT_OPSET}), got {opset}"
         )
+    needed = getattr(model, "onnx_min_opset", MIN_OPSET)  # a model's own floor (MCAR: 11, LCE: 14)
+    if opset < needed:
+        raise ValueError(f"{model_name(model)} needs ONNX opset {needed} or later, got opset {opset}")
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -122,21 +126,51 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return out
 
 
+STAGING_PREFIX = ".fastmlr-export-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove the staging directories in ``directory`` left by exports whose process is gone (killed
+    before it could clean up: each name carries its process id). Returns what was removed."""
+    removed = []
+    for entry in directory.glob(f"{STAGING_PREFIX}*"):
+        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def staging_directory(final_path: Path) -> tempfile.TemporaryDirectory:
     """A temporary directory beside ``final_path`` (same file system, so the finished artifact is moved
-    in atomically); ``ValueError`` when that directory cannot be written."""
+    in atomically), named after this process; stale ones of dead processes are removed first
+    (:func:`remove_stale_staging`). ``ValueError`` when that directory cannot be written."""
+    parent = final_path.parent if str(final_path.parent) else Path(".")
+    remove_stale_staging(parent)
     try:
-        return tempfile.TemporaryDirectory(dir=final_path.parent, prefix=".fastmlr-export-")
+        return tempfile.TemporaryDirectory(dir=parent, prefix=f"{STAGING_PREFIX}{os.getpid()}-")
     except OSError as err:
         raise ValueError(f"cannot write to {final_path.parent}: {err.strerror or err}") from err
 
 
 def opset_error(opset: int, err: Exception) -> ValueError:
-    """A ValueError for an exporter failure caused by an op missing from ``opset``."""
-    needed = re.search(r"added in version (\d+)", str(err))
+    """A one-line ValueError for an exporter failure caused by an op missing from ``opset`` (the
+    exporter's first line; the rest of its message is a TorchScript IR dump)."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    needed = re.search(r"(?:added in version|try opset version) (\d+)", first_line)
     if needed:
-        return ValueError(f"opset {opset} is below what the graph needs (opset {needed.group(1)}): {err}")
-    return ValueError(f"the graph cannot be exported to ONNX at opset {opset}: {err}")
+        return ValueError(f"opset {opset} is below what the graph needs (opset {needed.group(1)}): {first_line}")
+    return ValueError(f"the graph cannot be exported to ONNX at opset {opset}: {first_line}")
 
 
 def _sort_symbolic(g, values, *args):  # noqa: ANN001, ANN202 - TorchScript symbolic signature
@@ -199,7 +233,7 @@ def export_graph(
                 input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-        except torch.onnx.errors.UnsupportedOperatorError as err:
+        except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as err:
             raise opset_error(opset, err) from err
     tracer_notes = []
     for w in caught:

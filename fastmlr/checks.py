@@ -172,3 +172,44 @@ def check_output_dir(
         if target.exists() and not overwrite:
             raise ValueError(f"{option}: {target} exists; pass --overwrite to replace it")
     return out
+
+
+#: Environment variable overriding the memory limit of :func:`check_memory`: bytes, optionally with a
+#: K, M, G or T suffix (powers of 1024), or ``none`` for no limit.
+MEMORY_LIMIT_ENV = "FASTMLR_MEMORY_LIMIT"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def machine_memory(device: torch.device | str = "cpu") -> int:
+    """Total memory of ``device``: the machine's physical memory for CPU tensors, the GPU's for CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_limit(device: torch.device | str = "cpu") -> float:
+    """The most bytes one forward may be expected to need on ``device``: ``$FASTMLR_MEMORY_LIMIT`` when
+    set (``inf`` for ``none``), else :func:`machine_memory`."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip().upper()
+    if not text:
+        return float(machine_memory(device))
+    if text == "NONE":
+        return float("inf")
+    number, unit = (text[:-1], text[-1]) if text[-1] in _UNITS else (text, "")
+    try:
+        return float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{MEMORY_LIMIT_ENV}={text!r}: give bytes with an optional K/M/G/T suffix, or none") from None
+
+
+def check_memory(needed: float, what: str, device: torch.device | str = "cpu", limit: float | None = None) -> None:
+    """``ValueError`` before ``what`` allocates about ``needed`` bytes when that exceeds ``limit``
+    (default :func:`memory_limit`): the message gives both and how to override the limit."""
+    limit = memory_limit(device) if limit is None else limit
+    if needed > limit:
+        raise ValueError(
+            f"{what} would need about {needed / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB limit "
+            f"(this machine's {torch.device(device).type} memory unless {MEMORY_LIMIT_ENV} is set): use a smaller "
+            f"batch or image, or raise the limit ({MEMORY_LIMIT_ENV}=64G, or none)"
+        )

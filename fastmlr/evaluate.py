@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from fastmlr.checks import check_output_file, check_threshold
+from fastmlr.cli import add_model_options, model_arguments
 from fastmlr.data import (
     DEFAULT_SPLITS,
     DIFFICULT_MODES,
@@ -46,8 +48,10 @@ Predictor = Callable[[torch.Tensor], np.ndarray]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastmlr evaluate`` options."""
     parser.add_argument("--model", required=True, help="registered model name (fastmlr.list_models())")
-    parser.add_argument("--backbone", default="resnet101", help="resnet50 | resnet101 | mobilenet_v2")
-    parser.add_argument("--size", type=int, default=448, help="input side S (images resized to S×S)")
+    parser.add_argument("--backbone", help="resnet50 | resnet101 | mobilenet_v2 (default: the checkpoint's, else "
+                        "resnet101)")
+    parser.add_argument("--size", type=int, help="input side S, images resized to S×S (default: the checkpoint's, "
+                        "else 448)")
     parser.add_argument("--checkpoint", help="weights: a fastmlr checkpoint or a released-code one")
     parser.add_argument(
         "--num-classes", type=int, help="the model's class count (default: the dataset's); must match it"
@@ -86,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "paper code, 0.6 for MCAR, 0.5 for the others",
     )
     parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_model_options(parser)
 
 
 def check_positive(value: int | None, name: str) -> None:
@@ -264,6 +270,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--compare {args.compare} is the same backend as --backend")
     if args.precision != "fp32" and "trt" not in (args.backend, args.compare):
         raise ValueError(f"--precision {args.precision} applies to --backend trt only")
+    if args.threshold is not None:
+        check_threshold(args.threshold, "--threshold")
+    if args.out:
+        check_output_file(args.out, "--out", args.overwrite)
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -291,17 +301,20 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise RuntimeError('fastmlr evaluate needs tqdm: pip install -e ".[eval]"') from err
 
-    from fastmlr.registry import create_model
+    from fastmlr.checkpoint import read_checkpoint
+    from fastmlr.registry import create_model, model_config, model_defaults
 
     check_arguments(args)
     device = resolve_device(args.device)
-    dataset = build_dataset(args.data, args.root, args.split, args.ann, args.size, args.difficult)
-    num_classes = args.num_classes or dataset.num_classes
-    check_class_count(num_classes, dataset.num_classes)
-    model = create_model(
-        args.model, backbone=args.backbone, num_classes=num_classes, image_size=args.size,
-        checkpoint=args.checkpoint,
-    )
+    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    # Given options over the checkpoint's; the class count, when neither says, is the dataset's.
+    config = model_config(args.model, checkpoint, backbone=args.backbone, num_classes=args.num_classes,
+                          image_size=args.size, **model_arguments(args))
+    size = config.get("image_size", model_defaults(args.model)["image_size"])
+    dataset = build_dataset(args.data, args.root, args.split, args.ann, size, args.difficult)
+    config.setdefault("num_classes", dataset.num_classes)
+    check_class_count(config["num_classes"], dataset.num_classes)
+    model = create_model(args.model, checkpoint=checkpoint, **config)
     # Scores are matched to labels by class name: the dataset's columns follow the model's outputs.
     dataset.reorder_classes(model.class_names)
     subset = Subset(dataset, range(min(args.limit, len(dataset)))) if args.limit else dataset
@@ -313,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fastmlr-evaluate-") as workdir:
         predictors = {
             name: build_predictor(
-                name, model, args.size, args.batch_size, device, pathlib.Path(workdir), args.precision
+                name, model, size, args.batch_size, device, pathlib.Path(workdir), args.precision
             )
             for name in backends
         }
@@ -322,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     threshold = paper_threshold(args.model) if args.threshold is None else args.threshold
     metrics = {name: score_metrics(s, targets, threshold, dataset.classes) for name, s in scores.items()}
     report: dict[str, Any] = {
-        "model": args.model, "backbone": args.backbone, "image_size": args.size,
+        "model": args.model, "backbone": model.backbone_name, "image_size": size,
         "checkpoint": args.checkpoint, "data": args.data, "root": str(args.root),
         "split": args.split or DEFAULT_SPLITS[args.data], "device": str(device),
         "num_images": int(len(targets)), "skipped_images": len(unreadable),

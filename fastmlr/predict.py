@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from fastmlr.checks import check_output_dir
+from fastmlr.cli import add_model_options, model_arguments
 from fastmlr.data import eval_transform, load_image
 from fastmlr.evaluate import check_positive, resolve_device
 
@@ -45,10 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastmlr predict`` options."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--model", required=True, help="registered model name (fastmlr.list_models())")
-    parser.add_argument("--backbone", default="resnet101", help="resnet50 | resnet101 | mobilenet_v2")
-    parser.add_argument("--size", type=int, default=448, help="input side S (images resized to S×S)")
-    parser.add_argument("--num-classes", type=int, default=80,
-                        help="80: COCO names, 20: VOC names (a fastmlr checkpoint carries its own)")
+    parser.add_argument("--backbone", help="resnet50 | resnet101 | mobilenet_v2 (default: the checkpoint's, else "
+                        "resnet101)")
+    parser.add_argument("--size", type=int, help="input side S, images resized to S×S (default: the checkpoint's, "
+                        "else 448)")
+    parser.add_argument("--num-classes", type=int,
+                        help="80: COCO names, 20: VOC names (default: the checkpoint's, with its names; else 80)")
     parser.add_argument("--checkpoint", help="weights: a fastmlr checkpoint or a released-code one")
     parser.add_argument("--topk", type=int, default=5, help="labels printed per image")
     parser.add_argument("--out", default=".", help="directory for MCAR's region images (default: .)")
@@ -57,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace region images already in --out")
+    add_model_options(parser)
 
 
 def top_labels(probs: torch.Tensor, names: list[str], k: int) -> list[tuple[str, float]]:
@@ -149,11 +155,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     """ValueError for arguments argparse cannot check."""
     for name in ("size", "num_classes", "topk"):
         check_positive(getattr(args, name), f"--{name.replace('_', '-')}")
-    if args.topk > args.num_classes:
+    if args.num_classes is not None and args.topk > args.num_classes:
         raise ValueError(f"--topk must be at most --num-classes ({args.num_classes}), got {args.topk}")
     for name in ("min_local", "min_score"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    check_output_dir(args.out, "--out")
 
 
 def predict_image(
@@ -180,20 +187,25 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = create_model(
         args.model, backbone=args.backbone, num_classes=args.num_classes, image_size=args.size,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, **model_arguments(args),
     ).to(device)
+    if args.topk > model.num_classes:
+        raise ValueError(f"--topk must be at most the model's {model.num_classes} classes, got {args.topk}")
+    names = model.class_names
+    size = model.image_size
+    targets = region_image_paths(paths, pathlib.Path(args.out))
+    if callable(getattr(model, "forward_stages", None)):  # region images will be written
+        check_output_dir(args.out, "--out", tuple(t.name for t in targets), args.overwrite)
     if args.checkpoint is None:
         print("note: no --checkpoint, the weights are random", file=sys.stderr)
-    names = model.class_names
-    targets = region_image_paths(paths, pathlib.Path(args.out))
     for path, image, target in zip(paths, images, targets, strict=True):
-        probs, stages = predict_image(model, image, args.size, device)
+        probs, stages = predict_image(model, image, size, device)
         print(f"{path}  ({image.width}x{image.height})")
         for name, p in top_labels(probs, names, args.topk):
             print(f"  {name:<20}{p:.3f}")
         if stages is None:
             continue
-        regions = mcar_regions(stages, 0, args.size, image.size)
+        regions = mcar_regions(stages, 0, size, image.size)
         drawn = [r for r in regions if shown(r, args.min_local, args.min_score)]
         for r in regions:
             box = ", ".join(f"{v:.0f}" for v in r.box)

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from fastmlr.checkpoint import STATE_OPTIONS, Checkpoint, check_config, load_checkpoint, read_checkpoint
+from fastmlr.graph import RANDOM_EMBEDDINGS
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -45,7 +46,7 @@ def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, os.PathLike))
 
 
-def model_options(name: str) -> dict[str, Any]:
+def model_defaults(name: str) -> dict[str, Any]:
     """The options a registered model's constructor takes, with their defaults: ``backbone``,
     ``num_classes``, ``image_size``, ``backbone_weights`` and the architecture's own (e.g. MCAR's
     ``pooling``, ``topn``, ``threshold``)."""
@@ -64,6 +65,37 @@ def model_options(name: str) -> dict[str, Any]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return options
+
+
+def model_config(name: str, checkpoint: Checkpoint | None = None, **explicit: Any) -> dict[str, Any]:
+    """The options ``create_model(name, checkpoint=checkpoint, **explicit)`` builds with, defaults
+    left out: the explicit ones (``None`` values dropped) over those saved in a fastmlr checkpoint.
+
+    ``ValueError`` for an option ``name`` does not take, a checkpoint of another model or with a
+    contradicting value (:func:`fastmlr.checkpoint.check_config`), and an explicit option whose
+    content a fastmlr checkpoint's weights hold (``label_embeddings``, ``adjacency``): the weights
+    would silently replace it.
+    """
+    options = model_defaults(name)
+    leave_out = ("backbone", "num_classes", "image_size")  # None: the checkpoint's value, else the default
+    explicit = {k: v for k, v in explicit.items() if v is not None or k not in leave_out}
+    unknown = sorted(set(explicit) - set(options))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; its options: {sorted(options)}")
+    if checkpoint is None or checkpoint.config is None:
+        return explicit
+    check_config(checkpoint, name, explicit)
+    held = sorted(k for k in explicit if k in STATE_OPTIONS and k != "backbone_weights" and explicit[k] is not None)
+    if held:
+        raise ValueError(
+            f"{', '.join(held)} would be replaced by the weights of checkpoint {checkpoint.path}, which hold it: "
+            "leave it out"
+        )
+    saved = {k: v for k, v in checkpoint.config.items() if k in options and k not in STATE_OPTIONS}
+    # The weights hold the word embeddings: build with the seeded stand-ins they replace (a class count
+    # without a packaged graph has no default to build with).
+    stand_ins = {"label_embeddings": RANDOM_EMBEDDINGS} if "label_embeddings" in options else {}
+    return {**stand_ins, **saved, **explicit}
 
 
 def create_model(
@@ -91,20 +123,10 @@ def create_model(
     ``adjacency``) and ``backbone_weights`` are not taken from the checkpoint. Foreign checkpoints
     carry no configuration: the options are the arguments and defaults.
     """
-    options = model_options(name)
-    explicit = {k: v for k, v in (("backbone", backbone), ("num_classes", num_classes),
-                                  ("image_size", image_size)) if v is not None}
-    explicit.update(cfg)
-    unknown = sorted(set(explicit) - set(options))
-    if unknown:
-        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; its options: {sorted(options)}")
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
-    saved: dict[str, Any] = {}
-    if checkpoint is not None and checkpoint.config is not None:
-        check_config(checkpoint, name, explicit)
-        saved = {k: v for k, v in checkpoint.config.items() if k in options and k not in STATE_OPTIONS}
-    kwargs = {**saved, **explicit}
+    options = model_defaults(name)
+    kwargs = model_config(name, checkpoint, backbone=backbone, num_classes=num_classes, image_size=image_size, **cfg)
     for key in ("backbone", "num_classes", "image_size"):
         kwargs.setdefault(key, options[key])
     model = _MODELS[name](**kwargs)

@@ -112,6 +112,7 @@ class LCE(MLRModel):
     """
 
     fixed_size = True
+    onnx_min_opset = 14  # attention exports as scaled_dot_product_attention
 
     def __init__(self, *, mask_ratio: float = 0.1, **kw) -> None:
         super().__init__(**kw)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmlr import kernels
-from fastmlr.checks import check_threshold, check_topn
+from fastmlr.checks import check_memory, check_threshold, check_topn, is_exporting
 from fastmlr.models.base import MLRModel
 from fastmlr.models.baseline import check_pooling, global_pool
 from fastmlr.registry import register_model
@@ -46,6 +46,31 @@ def select_top_classes(global_scores: torch.Tensor, topn: int) -> torch.Tensor:
     return torch.sort(global_scores, dim=1, descending=True, stable=True).indices[:, :topn]
 
 
+#: Live activations of the backbone per input pixel, in elements, at the peak of one forward:
+#: ``(without autograd, with autograd)``. Measured on CPU in float32 (peak resident memory of MCAR
+#: forwards and backbone forwards at 512-1024 px, ``bench/results/mcar_memory.md``), rounded up.
+ACTIVATIONS_PER_PIXEL = {"mobilenet_v2": (66, 400), "resnet50": (66, 440), "resnet101": (66, 660)}
+
+
+def forward_bytes(
+    batch: int, topn: int, height: int, width: int, backbone: str, element_size: int = 4, grad: bool = False
+) -> int:
+    """The memory model of an MCAR forward: about how many bytes it allocates (the input excluded).
+
+    ``bytes ≈ e·B·H·W·N·(3 + a)`` without autograd: the ``B·N`` crops, each resized to the full
+    ``H×W`` (``3·B·N·H·W`` elements), and the local stream's live activations on them (``a`` elements
+    per pixel, :data:`ACTIVATIONS_PER_PIXEL`); the global stream (``a·B·H·W``) has finished by then.
+    With autograd every activation is kept for the backward pass: ``e·B·H·W·(3·N + (1 + N)·a_grad)``.
+    ``e`` is the element size (4 for float32). The cost is linear in ``B``, ``N`` and ``H·W``:
+    resnet101 at 448², ``B = 1``, ``N = 4`` needs about 0.2 GiB; at 4096², 17 GiB.
+    """
+    inference, training = ACTIVATIONS_PER_PIXEL.get(backbone, max(ACTIVATIONS_PER_PIXEL.values()))
+    pixels = batch * height * width
+    if grad:
+        return element_size * pixels * (3 * topn + (1 + topn) * training)
+    return element_size * pixels * topn * (3 + inference)
+
+
 def mcar_loss(
     global_probs: torch.Tensor, local_probs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -70,6 +95,8 @@ class MCAR(MLRModel):
     Eval: ``model(images) -> [B, C]`` final probabilities; :meth:`forward_stages` returns every stage.
     Train: ``model(images) -> (global_probs, local_probs)`` for :func:`mcar_loss`.
     """
+
+    onnx_min_opset = 11  # the interval search's CumSum and the stable sort's TopK(largest=...)
 
     def __init__(self, *, pooling: str = "gwp", topn: int = 4, threshold: float = 0.5, **kw) -> None:
         super().__init__(**kw)
@@ -108,8 +135,25 @@ class MCAR(MLRModel):
         probs = torch.sigmoid(self.convclass(global_pool(feats, self.pooling)).flatten(1))
         return probs.view(batch, -1, self.num_classes).amax(dim=1)
 
+    #: Bytes a forward may be expected to need before it is refused (:meth:`check_memory`); ``None``:
+    #: ``$FASTMLR_MEMORY_LIMIT`` or the machine's memory.
+    memory_limit: float | None = None
+
+    def check_memory(self, images: torch.Tensor) -> None:
+        """``ValueError`` before the forward of ``images`` allocates anything when its
+        :func:`forward_bytes` exceeds the memory limit (:attr:`memory_limit`)."""
+        if is_exporting():
+            return
+        batch, _, height, width = images.shape
+        weight = next(self.parameters())
+        grad = torch.is_grad_enabled() and (images.requires_grad or weight.requires_grad)  # activations kept
+        needed = forward_bytes(batch, self.topn, height, width, self.backbone_name, images.element_size(), grad)
+        check_memory(needed, f"MCAR ({self.backbone_name}, N = {self.topn}) on {batch}x3x{height}x{width} images"
+                     f"{' with autograd' if grad else ''}", images.device, self.memory_limit)
+
     def _streams(self, images: torch.Tensor):
         self.check_input(images)
+        self.check_memory(images)
         global_scores, cam_logits = self.global_stream(images)
         indices, boxes, regions = self.global_to_local(images, global_scores, cam_logits)
         local_scores = self.local_stream(regions, images.shape[0])
