@@ -285,6 +285,21 @@ def test_predict_names_are_the_models(shared_images, tmp_path, capsys, options, 
     assert stdout.splitlines()[1].split() == [expected, "1.000"]
 
 
+def test_export_metadata_names_the_classes(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from fastmlr.export.onnx_export import write_metadata
+
+    node = onnx.helper.make_node("Identity", ["images"], ["probs"])
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([node], "g", [tensor("images", onnx.TensorProto.FLOAT, [1, 3])],
+                                   [tensor("probs", onnx.TensorProto.FLOAT, [1, 3])])
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx.helper.make_model(graph), path)
+    write_metadata(path, create_model("baseline", **SMALL_MODEL), 64)
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(props["fastmlr.config"])["class_names"] == list(COCO_CLASSES)
+
+
 def test_predict_mcar_writes_region_png(shared_images, tmp_path, capsys):
     path = shared_images[-1]
     checkpoint = tmp_path / "mcar.pt"
