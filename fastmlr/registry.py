@@ -92,10 +92,7 @@ def model_config(name: str, checkpoint: Checkpoint | None = None, **explicit: An
             "leave it out"
         )
     saved = {k: v for k, v in checkpoint.config.items() if k in options and k not in STATE_OPTIONS}
-    # The weights hold the word embeddings: build with the seeded stand-ins they replace (a class count
-    # without a packaged graph has no default to build with).
-    stand_ins = {"label_embeddings": RANDOM_EMBEDDINGS} if "label_embeddings" in options else {}
-    return {**stand_ins, **saved, **explicit}
+    return {**saved, **explicit}
 
 
 def create_model(
@@ -129,7 +126,12 @@ def create_model(
     kwargs = model_config(name, checkpoint, backbone=backbone, num_classes=num_classes, image_size=image_size, **cfg)
     for key in ("backbone", "num_classes", "image_size"):
         kwargs.setdefault(key, options[key])
-    model = _MODELS[name](**kwargs)
+    build = dict(kwargs)
+    if checkpoint is not None and checkpoint.config is not None and "label_embeddings" in options:
+        # The weights hold the word embeddings: build with the seeded stand-ins they replace (a class
+        # count without a packaged graph has no default to build with).
+        build.setdefault("label_embeddings", RANDOM_EMBEDDINGS)
+    model = _MODELS[name](**build)
     model.config = {
         "name": name,
         **{k: os.fspath(v) if isinstance(v, os.PathLike) else v

@@ -206,6 +206,19 @@ def test_evaluate_refuses_a_checkpoint_of_other_classes(coco_tree, tmp_path, cap
     assert code == 1 and "lacks ['zebra']" in stderr and "has ['okapi']" in stderr
 
 
+def test_evaluate_a_label_graph_checkpoint(coco_tree, tmp_path, capsys):
+    # Its word embeddings and matrix come from the weights: the model is rebuilt without graph options.
+    checkpoint = tmp_path / "mlgcn.pt"
+    save_checkpoint(create_model("mlgcn", **SMALL_MODEL), checkpoint)
+    code, stdout, stderr = run_cli(
+        ["evaluate", "--model", "mlgcn", "--checkpoint", str(checkpoint), "--data", "coco",
+         "--root", str(coco_tree[0]), "--workers", "0", "--limit", "3"],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert "3 images evaluated" in stdout
+
+
 def test_evaluate_annotation_file_without_annotations(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     ann = tmp_path / "image_info_test2014.json"
