@@ -135,6 +135,41 @@ def cannot_serve_reason() -> str | None:
     return None
 
 
+def test_exported_repository_is_read_by_the_real_tritonserver(tmp_path: pathlib.Path) -> None:
+    """The bundled tritonserver has no onnxruntime or tensorrt backend, so this is as far as it goes:
+    each config.pbtxt parses as Triton's ModelConfig, its platform is known and maps to a backend, and
+    loading stops only for want of that backend. A broken copy shows the parse is really checked."""
+    reason = cannot_serve_reason()
+    if reason:
+        pytest.skip(reason)
+    from fastmlr.export import write_triton_repository
+    from fastmlr.export.triton_server import tensor_specs, triton_config
+
+    repository = tmp_path / "repository"
+    model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE)
+    onnx_dir = write_triton_repository(model, repository, image_size=SIZE, max_batch_size=4)
+    inputs, outputs = tensor_specs(onnx_dir / "1" / "model.onnx")
+    (repository / "baseline_plan" / "1").mkdir(parents=True)  # the plan's config (no engine without a GPU)
+    (repository / "baseline_plan" / "config.pbtxt").write_text(
+        triton_config("baseline_plan", platform="tensorrt_plan", inputs=inputs, outputs=outputs, max_batch_size=4))
+    (repository / "broken" / "1").mkdir(parents=True)
+    (repository / "broken" / "config.pbtxt").write_text(
+        (onnx_dir / "config.pbtxt").read_text().replace('"baseline"', '"broken"').replace("dims: [ 80 ]", "dims: [ 80"))
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        http, grpc, metrics = free_ports(3)
+        server = serve.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log=log).start()
+        assert server.process.wait(timeout=120) != 0  # no model can load, so the server refuses to start
+        server.stop()
+    text = log_path.read_text()
+    assert "failed to load 'baseline' version 1: Invalid argument: unable to find backend library for backend " \
+           "'onnxruntime'" in text, text
+    assert "failed to load 'baseline_plan' version 1: Invalid argument: unable to find backend library for " \
+           "backend 'tensorrt'" in text, text
+    assert "Poll failed for model directory 'broken': failed to read text proto" in text, text
+    assert text.count("failed to load '") == 2 and "Poll failed for model directory 'baseline" not in text, text
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     reason = cannot_serve_reason()
