@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from fastmlr.kernels.interval_search import _apply_minimum_size, default_interval
 
 __all__ = ["IntervalMargins", "explain_ranking"]
 
@@ -46,22 +48,6 @@ def explain_ranking(scores: np.ndarray, chosen: np.ndarray, reference: np.ndarra
     a, r = int(chosen[n]), int(reference[n])
     return (f"top-N tie within tolerance at rank {n + 1}: class {a} ({scores[a]:.7g}) and class {r} "
             f"({scores[r]:.7g}) differ by {abs(scores[a] - scores[r]):.3g}")
-
-
-def _minimum_size(lo: np.ndarray, hi: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Doc §3's three sequential minimum-size checks on candidate intervals (the rule of
-    :func:`fastmlr.kernels.interval_search._apply_minimum_size`, in NumPy)."""
-    minsize = (length + 7) // 8
-    applies = hi - lo <= minsize
-    pad = minsize - (hi - lo)
-    half = (pad + 1) // 2
-    grow = applies & (lo > half) & (length - hi > pad)
-    lo, hi = np.where(grow, lo - half + 1, lo), np.where(grow, hi + half, hi)
-    at_start = applies & (lo < half)
-    lo, hi = np.where(at_start, 0, lo), np.where(at_start, minsize, hi)
-    at_end = applies & (length - hi < half)
-    lo, hi = np.where(at_end, length - minsize + 1, lo), np.where(at_end, length, hi)
-    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -123,19 +109,19 @@ class IntervalMargins:
         candidate = (lo < hi) & starts_ok[lo] & possible_at[hi] & (inner <= 0) & (peak[hi] - peak[lo] > 0)
         if candidate[0, length] and not possible[0]:
             candidate[0, length] = False  # [0, L) needs a crossing at 0, or it is the no-crossing default
-        lo_c, hi_c = np.nonzero(candidate)
-        lo_f, hi_f = _minimum_size(lo_c, hi_c, length)
+        lo_c, hi_c = (torch.from_numpy(v) for v in np.nonzero(candidate))
+        lo_f, hi_f = _apply_minimum_size(lo_c, hi_c, length)  # the search's own rule, on every candidate
         out = np.zeros((length + 1, length + 1), dtype=bool)
-        out[lo_f, hi_f] = True
+        out[lo_f.numpy(), hi_f.numpy()] = True
         if not forced.any():
-            out[(length + 7) // 8, (7 * length + 7) // 8] = True
+            out[default_interval(length)] = True
         return out
 
     def explain(self, interval: tuple[int, int]) -> str | None:
         """Why ``interval`` (``[lo, hi)``) is within the margins, or ``None`` when it is not."""
         lo, hi = (int(v) for v in interval)
         length = len(self.profile)
-        if not 0 <= lo < hi <= length:
+        if not 0 <= lo <= hi <= length:  # empty only from the minimum-size checks at L <= 8 (doc §3)
             return None
         if self.spread <= 4 * self.tolerance:
             return f"flat profile: its range {self.spread:.3g} is within the tolerance"

@@ -142,8 +142,8 @@ def compile_torch_tensorrt(
     """Compile ``model`` with torch-tensorrt (dynamo frontend), the Triton kernels as plugins.
 
     The module compiled is :class:`~fastmlr.export.onnx_export.ExportWrapper` (outputs ``(probs,)``,
-    or :data:`~fastmlr.export.validation.STAGE_OUTPUTS` for MCAR), in ``precision`` (weights and input cast to fp32 / fp16
-    / bf16, so the types are explicit), exported with ``torch.export`` for batches
+    or :data:`~fastmlr.export.validation.STAGE_OUTPUTS` for MCAR), in ``precision`` (weights and input
+    cast to fp32 / fp16 / bf16, so the types are explicit), exported with ``torch.export`` for batches
     ``min_batch..max_batch`` and compiled with ``min_block_size=1``. Returns the compiled module;
     call it on CUDA tensors of that dtype. Raises ``RuntimeError`` without torch-tensorrt or CUDA.
     """
