@@ -79,18 +79,14 @@ def test_released_checkpoint_gives_the_released_probabilities(released):
 
 
 def test_the_checkpoints_matrix_is_used(released, tmp_path):
-    # A checkpoint whose A differs from the model's option: A is a weight of the checkpoint.
+    # A checkpoint whose A differs from the model's option: A is a weight of the checkpoint, and the
+    # classifiers follow it (test_correlation_is_normalised_at_run_time pins how).
     labels = (torch.rand(50, C, generator=torch.Generator().manual_seed(3)) < 0.3).double()
     state = dict(released["state"], A=mlgcn_correlation(*cooccurrence_statistics(labels), tau=0.3))
     torch.save({"state_dict": state}, tmp_path / "other.pth.tar")
     model = create_model("mlgcn", backbone="resnet50", num_classes=C, image_size=SIZE,
                          checkpoint=tmp_path / "other.pth.tar")
-    assert torch.equal(model.correlation, state["A"])
-    image = released["images"][:1]
-    expected = torch.sigmoid(released_mlgcn_logits(state, image, released["words"]))
-    assert float((expected - torch.sigmoid(released["logits"][:1])).abs().max()) > 0.01
-    with torch.no_grad():
-        torch.testing.assert_close(model(image), expected, atol=1e-5, rtol=0)
+    assert torch.equal(model.correlation, state["A"]) and not torch.equal(state["A"], released["state"]["A"])
 
 
 def test_released_key_map():
