@@ -49,7 +49,7 @@ from fastmlr.kernels import (
 
 from bench.environment import capture_environment, describe_machine
 from bench.timing import pair_with_baseline, summarize, time_calls, timer_for
-from bench.writers import markdown_table, write_json_and_markdown
+from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
 
 PATHS = ("srdl", "ssgrl")
 MEMORY_TARGET = 0.1  # chunked/fused peak over naive peak at the largest batch
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--train", action="store_true", help="measure forward + backward")
     parser.add_argument("--out", type=Path, required=False, help="JSON file (the .md goes beside it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     return parser
 
@@ -244,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: torch sees no CUDA device")
     if min(args.batch + [args.classes, args.positions, args.dim, args.repeats, args.threads]) < 1:
         raise SystemExit("--batch, --classes, --positions, --dim, --repeats, --threads must be positive")
+    if args.out and not args.worker:
+        try:
+            check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
+        except ValueError as err:
+            raise SystemExit(f"bench_attention.py: error: {err}") from None
     if args.worker:
         path, impl, batch = args.worker
         footprint = measure(path, impl, int(batch), args.classes, args.positions, args.dim, args.device,

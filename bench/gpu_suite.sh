@@ -88,8 +88,8 @@ step "CUDA tests" 90 "$PYTHON" -m pytest tests -m cuda -q -rs
 step "TensorRT export tests" 90 "$PYTHON" -m pytest tests/test_export_trt.py -q -rs
 
 # ---- 2, 3. kernel benchmarks -------------------------------------------------------------------
-step "global-to-local benchmark" 60 "$PYTHON" bench/bench_g2l.py --device cuda --repeats 5 --out "${OUT}-g2l.json"
-step "attention benchmark" 90 "$PYTHON" bench/bench_attention.py --device cuda --out "${OUT}-attention.json"
+step "global-to-local benchmark" 60 "$PYTHON" bench/bench_g2l.py --device cuda --repeats 5 --overwrite --out "${OUT}-g2l.json"
+step "attention benchmark" 90 "$PYTHON" bench/bench_attention.py --device cuda --overwrite --out "${OUT}-attention.json"
 
 # ---- 4. Table IX, ResNet-101 448 -----------------------------------------------------------------
 backends=eager
@@ -99,7 +99,7 @@ have torch_tensorrt && backends+=,torch-trt ||
 table_ix() {  # batch, backends, cap in seconds, results name
     step "Table IX resnet101 448 batch $1 ($2)" "$3" \
         "$PYTHON" bench/latency.py --model mcar --backbone resnet101 --size 448 --batch "$1" --device cuda \
-        --backend "$2" --warmup 3 --iters 20 --cache-dir "$CACHE" --out "${OUT}-$4.json" --out "${OUT}-$4.md"
+        --backend "$2" --warmup 3 --iters 20 --cache-dir "$CACHE" --overwrite --out "${OUT}-$4.json" --out "${OUT}-$4.md"
 }
 table_ix 1 "$backends" 90 table-ix-r101-448-b1
 table_ix 8 "$backends" 90 table-ix-r101-448-b8

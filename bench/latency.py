@@ -60,7 +60,7 @@ from bench.paper_tables import (
 )
 from bench.records import Config, Failure, Settings
 from bench.runners import BACKENDS, PRECISIONS, RUNNERS, Unavailable, check_available
-from bench.writers import OUT_SUFFIXES, check_suffixes, to_json, write_outputs
+from bench.writers import OUT_SUFFIXES, check_outputs, to_json, write_outputs
 from fastmlr.backbones import BACKBONES as BACKBONE_SPECS
 from fastmlr.checks import check_image_size
 
@@ -142,7 +142,7 @@ def settings_from(args: argparse.Namespace, configs: list[Config]) -> Settings:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    check_suffixes(args.out, OUT_SUFFIXES)
+    check_outputs(args.out, args.overwrite, OUT_SUFFIXES)
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     device = args.device
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--iters", type=int, default=20, help="timed calls (default 20)")
     add("--table", choices=TABLES, help="ix: MCAR Table IX's grid; srdl3: SRDL Table 3's rows")
     add("--out", action="append", default=[], help="write results to FILE.json|.md|.csv (repeatable)")
+    add("--overwrite", action="store_true", help="replace existing --out files")
     add("--checkpoint", help="real weights for the run's one model (MCAR's companion baseline stays random)")
     add("--channels-last", action="store_true", help="eager/compile: model and inputs in channels_last (NHWC)")
     add("--kernels", choices=("auto", "torch", "triton"), default="auto",

@@ -15,6 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+if not __package__:  # run as ``python bench/plot.py``: make the bench package importable
+    import _script  # noqa: F401
+
+from bench.writers import check_outputs
+
 PAPER_STYLE = {
     "mcar-ix": ("MCAR Table IX (P40)", "#bbbbbb"),
     "srdl-3": ("SRDL Table 3 (RTX 3070)", "#888888"),
@@ -146,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("result", help="a JSON written by bench/latency.py --out FILE.json")
     parser.add_argument("--out", required=True, help="image to write (.png, .svg, .pdf)")
     parser.add_argument("--scale", choices=("auto", "log", "linear"), default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out image")
     args = parser.parse_args(argv)
     path = Path(args.result)
     try:
+        check_outputs([args.out], args.overwrite, (".png", ".svg", ".pdf"))
         result = json.loads(path.read_text())
         if not isinstance(result, dict) or not result.get("measurements"):
             raise ValueError(f"{path} holds no measurements (is it a bench/latency.py result?)")

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from fastmlr.checks import check_output_file
+
 OUT_SUFFIXES = (".json", ".md", ".csv")
 
 
@@ -41,6 +43,21 @@ def check_suffixes(paths: Iterable[str | Path], suffixes: Sequence[str] = OUT_SU
     for path in paths:
         if Path(path).suffix not in suffixes:
             raise ValueError(f"--out {path}: the suffix must be one of {', '.join(suffixes)}")
+
+
+def check_outputs(paths: Iterable[str | Path], overwrite: bool = False, suffixes: Sequence[str] = OUT_SUFFIXES) -> None:
+    """Before any measurement: every output path has one of ``suffixes`` and can be written
+    (:func:`fastmlr.checks.check_output_file`: its directory writable or creatable, not a directory,
+    not an existing file unless ``overwrite``). ``ValueError`` naming the first bad path."""
+    paths = list(paths)
+    check_suffixes(paths, suffixes)
+    for path in paths:
+        check_output_file(path, "--out", overwrite)
+
+
+def json_and_markdown(json_path: str | Path) -> list[Path]:
+    """The two files :func:`write_json_and_markdown` writes for ``json_path``."""
+    return [Path(json_path), Path(json_path).with_suffix(".md")]
 
 
 def write_outputs(

@@ -200,3 +200,34 @@ def test_every_model_option_flag_is_walked() -> None:
 def test_help_exits_0(capsys) -> None:
     assert main(["export", "--help"]) == 0
     assert "--overwrite" in capsys.readouterr().out
+
+
+# The benchmark scripts check their output files before measuring: (script, argv, error pattern).
+BENCH_CASES = [
+    ("latency", ["--model", "baseline", "--out", "{file}"], r"--out .*existing.json exists; pass --overwrite"),
+    ("latency", ["--model", "baseline", "--out", "{tmp}/r.txt"], "the suffix must be one of"),
+    ("latency", ["--model", "baseline", "--out", "{readonly}/r.json"], "cannot write in"),
+    ("latency", ["--model", "baseline", "--out", "{file}/r.json"], "is a file, not a directory"),
+    ("bench_g2l", ["--out", "{file}"], "exists; pass --overwrite"),
+    ("bench_g2l", ["--out", "{readonly}/g2l.json"], "cannot write in"),
+    ("bench_attention", ["--out", "{readonly}/attention.json"], "cannot write in"),
+    ("bench_attention", ["--out", "{file}"], "exists; pass --overwrite"),
+    ("plot", ["{file}", "--out", "{tmp}"], "the suffix must be one of .png"),
+    ("plot", ["{file}", "--out", "{readonly}/plot.png"], "cannot write in"),
+]
+
+
+@pytest.mark.parametrize("script, argv, pattern", BENCH_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BENCH_CASES)])
+def test_bench_scripts_check_outputs_first(paths, capsys, script, argv, pattern) -> None:
+    import importlib
+
+    main_of = importlib.import_module(f"bench.{script}").main
+    argv = [arg.format(**paths) for arg in argv]
+    try:
+        code = main_of(argv)
+        err = capsys.readouterr().err
+    except SystemExit as done:  # bench_g2l / bench_attention exit with their message
+        code, err = 1, str(done.code)
+    assert code in (1, 2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err

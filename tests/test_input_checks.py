@@ -61,3 +61,44 @@ def test_crop_resize_gradient_matches_the_reference() -> None:
     with torch.no_grad():  # without grad the fast per-region path still runs, and agrees
         fast = kernels.crop_resize(images, boxes, (4, 5))
     torch.testing.assert_close(kernels.crop_resize(images, boxes, (4, 5)).detach(), fast)
+
+
+def test_mcar_memory_model_refuses_before_allocating(mcar, monkeypatch) -> None:
+    # The probe's case: mobilenet_v2 MCAR on one 4096x4096 image, on a machine with 16 GiB.
+    from fastmlr.models.mcar import forward_bytes
+
+    monkeypatch.delenv("FASTMLR_MEMORY_LIMIT", raising=False)
+    monkeypatch.setattr("fastmlr.checks.machine_memory", lambda device="cpu": 16 * 2**30)
+    images = torch.zeros(1, 3, 4096, 4096)
+    assert forward_bytes(1, 4, 4096, 4096, "mobilenet_v2") > 16 * 2**30
+    with torch.no_grad(), pytest.raises(ValueError, match=r"would need about 17\.\d GiB, more than the 16\.0 GiB"):
+        mcar(images)
+
+
+def test_memory_limit_is_overridable(mcar, monkeypatch) -> None:
+    images = torch.rand(1, 3, 64, 64)
+    monkeypatch.setenv("FASTMLR_MEMORY_LIMIT", "1M")
+    with torch.no_grad(), pytest.raises(ValueError, match="FASTMLR_MEMORY_LIMIT"):
+        mcar.check_memory(images)
+    monkeypatch.setenv("FASTMLR_MEMORY_LIMIT", "none")
+    with torch.no_grad():
+        mcar.check_memory(images)
+    monkeypatch.delenv("FASTMLR_MEMORY_LIMIT")
+    mcar.memory_limit = 1024
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="more than the 0.0 GiB limit"):
+            mcar.check_memory(images)
+    finally:
+        del mcar.memory_limit
+    monkeypatch.setenv("FASTMLR_MEMORY_LIMIT", "lots")
+    with pytest.raises(ValueError, match="FASTMLR_MEMORY_LIMIT='LOTS'"):
+        mcar.check_memory(images)
+
+
+def test_memory_model_counts_autograd() -> None:
+    from fastmlr.models.mcar import forward_bytes
+
+    # Measured peaks (bench/results/mcar_memory.md), within 25 %.
+    assert forward_bytes(1, 4, 512, 512, "mobilenet_v2", grad=True) == pytest.approx(2_100_826_112, rel=0.25)
+    assert forward_bytes(2, 4, 768, 768, "mobilenet_v2") == pytest.approx(1_296_449_536, rel=0.25)
+    assert forward_bytes(1, 4, 512, 512, "resnet101") == pytest.approx(322_813_952, rel=0.25)
