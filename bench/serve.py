@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -199,6 +200,7 @@ def summarize_row(row: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     model = fastmlr.create_model(args.model, backbone=args.backbone, image_size=args.size)
     calibrate_batchnorm(model, torch.randn(8, 3, args.size, args.size))  # outputs depend on the image
@@ -244,7 +246,8 @@ def run(args: argparse.Namespace) -> dict:
                        "max_batch": args.max_batch, "duration_s": args.duration, "rounds": args.rounds,
                        "soak_s": args.soak,
                        "tolerance": TOLERANCE, "triton": "2.51 (nvidia-pytriton's tritonserver)"},
-            "environment": env, "rows": rows, "soak": soak, "server_exit_code": code,
+            "environment": env, "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+            "rows": rows, "soak": soak, "server_exit_code": code,
             "targets": targets(rows, soak)}
 
 
@@ -288,8 +291,10 @@ def render_markdown(result: dict) -> str:
         f"Machine: {describe_machine(env)}; torch {versions['torch']}, ONNX Runtime {versions['onnxruntime']}, "
         f"nvidia-pytriton {versions.get('nvidia-pytriton')} (Triton 2.51), "
         f"tritonclient {versions.get('tritonclient')}, "
-        f"Python {env['python']}; {env['utc_time']}. Clients, server and in-process runner share the same CPUs; "
-        "the machine is shared with other work, so figures vary between runs.",
+        f"Python {env['python']}; {env['utc_time']}. Clients, server and in-process runner share the same CPUs, "
+        "and the machine is shared with other work: 1-minute load average "
+        f"{result['load_average_1min']['start']:.1f} at the start, {result['load_average_1min']['end']:.1f} at the end "
+        f"(on {env['cpu_count']} logical CPUs), so figures vary between runs; compare rows of one run only.",
         "",
         f"Each row ran {config['duration_s']:.0f} s in {config['rounds']} slices, one per round of the whole sweep "
         "(so a slow spell of the machine is spread over every row). "
