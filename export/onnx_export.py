@@ -235,6 +235,7 @@ def export_graph(
             )
         except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as err:
             raise opset_error(opset, err) from err
+        declare_output_shapes(path, [tuple(t.shape) for t in wrapper(example)])
     tracer_notes = []
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
@@ -243,6 +244,22 @@ def export_graph(
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return sorted(set(tracer_notes))
+
+
+def declare_output_shapes(path: str | os.PathLike, shapes: Sequence[tuple[int, ...]]) -> None:
+    """Write the traced outputs' sizes into the graph's output types wherever shape inference left an
+    axis after the batch unknown (MCAR's ``local_scores``: a reshape to ``(batch, -1, C)`` loses C), so
+    that serving configurations read fixed dims."""
+    proto = onnx.load(os.fspath(path))
+    changed = False
+    for value, shape in zip(proto.graph.output, shapes, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        for axis in range(1, min(len(dims), len(shape))):
+            if not dims[axis].HasField("dim_value"):
+                dims[axis].dim_value = int(shape[axis])
+                changed = True
+    if changed:
+        onnx.save(proto, os.fspath(path))
 
 
 def write_metadata(path: str | os.PathLike, model: nn.Module, image_size: int) -> None:
