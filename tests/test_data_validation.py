@@ -70,3 +70,22 @@ def test_voc_difficult_flag_must_be_0_or_1(tmp_path) -> None:
     xml.write_text("<annotation><object><name>dog</name><difficult>yes</difficult></object></annotation>")
     with pytest.raises(ValueError, match=r"<difficult> of a 'dog' object must be 0 or 1, got 'yes'"):
         voc_image_target(xml)
+
+
+def test_evaluate_skips_and_counts_a_bomb_read_in_a_loader_worker(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from fastmlr.cli import main
+
+    (tmp_path / "val2014").mkdir()
+    Image.new("RGB", (64, 64), (90, 20, 160)).save(tmp_path / "val2014" / "a.jpg")
+    bomb_png(tmp_path / "val2014" / "b.png")
+    path = coco_file(tmp_path, images=[{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.png"}],
+                     annotations=[{"id": 1, "image_id": 1, "category_id": 1},
+                                  {"id": 2, "image_id": 2, "category_id": 3}],
+                     categories=[{"id": 1, "name": "class_0"}, {"id": 3, "name": "class_1"}])  # a 2-class model's
+    argv = ["evaluate", "--model", "baseline", "--backbone", "mobilenet_v2", "--size", "64", "--data", "coco",
+            "--root", str(tmp_path), "--ann", str(path), "--workers", "1", "--num-classes", "2"]
+    with pytest.warns(UserWarning, match="b.png"):
+        assert main(argv) == 0
+    assert "1 images evaluated, 1 skipped as unreadable" in capsys.readouterr().out
