@@ -45,6 +45,7 @@ from typing import IO, Any
 import numpy as np
 
 from fastmlr.checks import check_output_dir
+from fastmlr.cli import add_model_options, model_arguments
 
 INPUT_NAME = "images"
 #: The outputs served, in order, with their numpy types; MCAR adds ``boxes`` and ``indices``.
@@ -520,6 +521,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--workdir", help="keep the exported model and Triton's model repository here "
                                           "(default: a temporary directory, removed at exit)")
+    add_model_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -547,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         torch.manual_seed(0)
         model = fastmlr.create_model(args.model, backbone=args.backbone, image_size=args.size,
-                                     checkpoint=args.checkpoint).eval()
+                                     checkpoint=args.checkpoint, **model_arguments(args)).eval()
         kept = contextlib.nullcontext(args.workdir) if args.workdir else None
         with kept or tempfile.TemporaryDirectory(prefix="fastmlr-serve-") as workdir:
             Path(workdir).mkdir(parents=True, exist_ok=True)
