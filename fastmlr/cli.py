@@ -46,7 +46,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Add :data:`MODEL_OPTION_FLAGS`. Each defaults to the checkpoint's value, else the model's."""
     group = parser.add_argument_group("model options (default: the checkpoint's value, else the model's default)")
     for flag, (option, kind, help_text) in MODEL_OPTION_FLAGS.items():
-        group.add_argument(flag, dest=f"model_{option}", type=kind, default=None, help=help_text)
+        group.add_argument(flag, dest=f"model_{option}", metavar=flag[2:].replace("-", "_").upper(), type=kind,
+                           default=None, help=help_text)
 
 
 def model_arguments(args: argparse.Namespace) -> dict[str, Any]:
