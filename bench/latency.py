@@ -38,7 +38,7 @@ import contextlib
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 if not __package__:  # run as ``python bench/latency.py``: make the bench package importable
@@ -59,7 +59,7 @@ from bench.paper_tables import (
     table_metadata,
 )
 from bench.records import Config, Failure, Settings
-from bench.runners import BACKENDS, PRECISIONS, RUNNERS, Unavailable, check_available
+from bench.runners import BACKENDS, PRECISION_NAMES, RUNNERS, Unavailable, check_available
 from bench.writers import OUT_SUFFIXES, check_outputs, to_json, write_outputs
 from fastmlr.backbones import BACKBONES as BACKBONE_SPECS
 from fastmlr.checks import check_image_size
@@ -162,28 +162,41 @@ def run(args: argparse.Namespace) -> dict:
     """Plan, check, time and assemble the result (what ``--out x.json`` writes)."""
     configs = plan(args)
     backends = list(dict.fromkeys(c.backend for c in configs))
+    precisions = parse_list(args.precision, PRECISION_NAMES, "precision")
+    args.precision = precisions[0]
     settings = settings_from(args, configs)
-    for backend in backends:
-        check_available(backend, settings)
+    variants = [replace(settings, precision=p) for p in precisions]
+    # INT8 exists as calibrated Q/DQ graphs only: with other precisions, the torch backends skip it.
+    skipped = {(b, "int8") for b in backends if RUNNERS[b].per_component and len(precisions) > 1}
+    for variant in variants:
+        for backend in backends:
+            if (backend, variant.precision) not in skipped:
+                check_available(backend, variant)
     if args.dry_run:
-        return {"settings": asdict(settings), "configs": [asdict(c) for c in configs]}
+        return {"settings": asdict(settings), "configs": [asdict(c) for c in configs], "precisions": precisions}
     torch.set_num_threads(settings.threads)
-    steps = sum(4 if c.model == "mcar" and RUNNERS[c.backend].per_component else 1 for c in configs)
+    steps = sum(4 if c.model == "mcar" and RUNNERS[c.backend].per_component else 1
+                for c in configs for v in variants if (c.backend, v.precision) not in skipped)
     measurements, failures, progress = [], [], progress_printer(steps)
     with contextlib.ExitStack() as stack:
         workdir = Path(settings.cache_dir or stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)
         for config in configs:
-            try:
-                measurements += measure_config(config, settings, workdir, progress)
-            except Exception as err:  # noqa: BLE001 - one failing configuration must not end a grid
-                failures.append(Failure.of(config, err))
-                print(f"latency.py: {config.label()} failed: {failures[-1].error}", file=sys.stderr, flush=True)
+            for variant in variants:
+                if (config.backend, variant.precision) in skipped:
+                    continue
+                try:
+                    measurements += measure_config(config, variant, workdir, progress)
+                except Exception as err:  # noqa: BLE001 - one failing configuration must not end a grid
+                    failures.append(Failure.of(config, err))
+                    print(f"latency.py: {config.label()} {variant.precision} failed: {failures[-1].error}",
+                          file=sys.stderr, flush=True)
     rows = [asdict(m) for m in measurements]
     breakdown, speedup_rows = tables.mcar_breakdown(rows), tables.speedups(rows)
     return {
         "environment": capture_environment(),
-        "settings": {**asdict(settings), "backends": backends, "table": args.table, "command": sys.argv},
+        "settings": {**asdict(settings), "backends": backends, "precisions": precisions, "table": args.table,
+                     "command": sys.argv},
         "paper_tables": table_metadata(),
         "measurements": rows,
         "mcar_breakdown": breakdown,
@@ -217,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backbone", help=f"comma-separated from {', '.join(BACKBONES)}, or all (default resnet101)")
     add("--size", help="image side(s), comma-separated multiples of 32 (default 448)")
     add("--batch", type=int, default=1)
-    add("--precision", choices=tuple(PRECISIONS), default="fp32")
+    add("--precision", default="fp32",
+        help=f"comma-separated from {', '.join(PRECISION_NAMES)}; each configuration is timed at each (default fp32)")
     add("--device", choices=("cpu", "cuda"), help="default: cuda for trt/torch-trt or when a GPU is visible, else cpu")
     add("--warmup", type=int, default=5, help="untimed calls before timing, at least 1 (default 5)")
     add("--iters", type=int, default=20, help="timed calls (default 20)")

@@ -31,11 +31,12 @@ ORT_SPEEDUP_MIN = 1.2
 
 
 def _index(measurements: list[dict]) -> dict[tuple, dict]:
-    return {(m["model"], m["component"], m["backbone"], m["size"], m["backend"]): m for m in measurements}
+    return {(m["model"], m["component"], m["backbone"], m["size"], m["backend"], m["precision"]): m
+            for m in measurements}
 
 
 def mcar_breakdown(measurements: list[dict]) -> list[dict]:
-    """Table IX's rows: per (backbone, size, backend) with MCAR's total and the baseline measured, ms
+    """Table IX's rows: per (backbone, size, backend, precision) with MCAR's total and the baseline measured, ms
     per image for every Table IX column measured (``None`` when not), the paper's P40 figures, and
     total / baseline for ours and the paper's."""
     index = _index(measurements)
@@ -43,7 +44,7 @@ def mcar_breakdown(measurements: list[dict]) -> list[dict]:
     for m in measurements:
         if (m["model"], m["component"]) != ("mcar", "total"):
             continue
-        key = (m["backbone"], m["size"], m["backend"])
+        key = (m["backbone"], m["size"], m["backend"], m["precision"])
         baseline = index.get(("baseline", "total", *key))
         if baseline is None:
             continue
@@ -56,6 +57,7 @@ def mcar_breakdown(measurements: list[dict]) -> list[dict]:
             "backbone": m["backbone"],
             "size": m["size"],
             "backend": m["backend"],
+            "precision": m["precision"],
             "ours_ms": ours,
             "paper_ms": paper,
             "ratio_total_baseline": ours["total"] / ours["baseline"],
@@ -70,13 +72,13 @@ def srdl3_rows(measurements: list[dict]) -> list[dict]:
     (``None``, with a ``status``, when the method is not implemented in fastmlr or not measured), and
     each row's time relative to the baseline row, ours and the paper's."""
     index = _index(measurements)
-    groups = list(dict.fromkeys((m["backbone"], m["size"], m["backend"]) for m in measurements))
+    groups = list(dict.fromkeys((m["backbone"], m["size"], m["backend"], m["precision"]) for m in measurements))
     paper_baseline = next(r.ms for r in SRDL_TABLE_3_ROWS if r.model == "baseline")
     rows = []
-    for backbone, size, backend in groups:
-        base = index.get(("baseline", "total", backbone, size, backend))
+    for backbone, size, backend, precision in groups:
+        base = index.get(("baseline", "total", backbone, size, backend, precision))
         for r in SRDL_TABLE_3_ROWS:
-            found = index.get((r.model, r.component, backbone, size, backend))
+            found = index.get((r.model, r.component, backbone, size, backend, precision))
             status = "not implemented in fastmlr" if r.model is None else "measured" if found else "not measured"
             ours = found["ms_per_image"] if found else None
             rows.append({
@@ -87,6 +89,7 @@ def srdl3_rows(measurements: list[dict]) -> list[dict]:
                 "backbone": backbone,
                 "size": size,
                 "backend": backend,
+                "precision": precision,
                 "status": status,
                 "ours_ms": ours,
                 "paper_ms": r.ms,
@@ -99,9 +102,10 @@ def srdl3_rows(measurements: list[dict]) -> list[dict]:
 def speedups(measurements: list[dict]) -> list[dict]:
     """For every measurement of a non-eager backend whose eager twin was measured in this run:
     eager median / its median (> 1: faster than eager)."""
-    pairs = pair_with_baseline(measurements, ("model", "component", "backbone", "size"), "backend", lambda m: "eager")
+    pairs = pair_with_baseline(measurements, ("model", "component", "backbone", "size", "precision"), "backend",
+                               lambda m: "eager")
     return [
-        {**{k: m[k] for k in ("model", "component", "backbone", "size", "backend")},
+        {**{k: m[k] for k in ("model", "component", "backbone", "size", "backend", "precision")},
          "speedup_over_eager": eager["median_ms"] / m["median_ms"]}
         for m, eager in pairs
     ]
@@ -150,13 +154,13 @@ def render_csv(result: Mapping) -> str:
 
 def _measurements_table(result: Mapping) -> str:
     rows = [
-        [m["model"], m["component"], m["backbone"], m["size"], m["backend"], format_ms(m["median_ms"]),
-         format_ms(m["p90_ms"]), format_ms(m["min_ms"]), f"{m['images_per_s']:.1f}",
+        [m["model"], m["component"], m["backbone"], m["size"], m["backend"], m["precision"],
+         format_ms(m["median_ms"]), format_ms(m["p90_ms"]), format_ms(m["min_ms"]), f"{m['images_per_s']:.1f}",
          "; ".join(f"{p['ms']:g} ({p['hardware'].split(' (')[0]})" for p in m["paper"]) or "—"]
         for m in result["measurements"]
     ]
-    headers = ["model", "component", "backbone", "size", "backend", "median ms", "p90 ms", "min ms", "img/s",
-               "paper ms"]
+    headers = ["model", "component", "backbone", "size", "backend", "precision", "median ms", "p90 ms", "min ms",
+               "img/s", "paper ms"]
     return markdown_table(headers, rows)
 
 
@@ -169,19 +173,21 @@ def _breakdown_table(breakdown: list[dict]) -> str:
         ratio = f"{r['ratio_total_baseline']:.2f}×"
         if r["paper_ratio_total_baseline"] is not None:
             ratio += f" ({r['paper_ratio_total_baseline']:.2f}×)"
-        rows.append([r["backbone"], r["size"], r["backend"], *cells, ratio])
-    headers = ["backbone", "size", "backend", *(TABLE_IX_HEADERS[c] for c in TABLE_IX_COLUMNS), "Total / Baseline"]
+        rows.append([r["backbone"], r["size"], r["backend"], r["precision"], *cells, ratio])
+    headers = ["backbone", "size", "backend", "precision", *(TABLE_IX_HEADERS[c] for c in TABLE_IX_COLUMNS),
+               "Total / Baseline"]
     return markdown_table(headers, rows)
 
 
 def _srdl3_table(rows: list[dict]) -> str:
     cells = [
-        [r["label"], f"{r['backbone']} {r['size']}", r["backend"],
+        [r["label"], f"{r['backbone']} {r['size']}", r["backend"], r["precision"],
          format_ms(r["ours_ms"]) if r["status"] == "measured" else r["status"], f"{r['paper_ms']:g}",
          "—" if r["ours_vs_baseline"] is None else f"{r['ours_vs_baseline']:.2f}×", f"{r['paper_vs_baseline']:.2f}×"]
         for r in rows
     ]
-    headers = ["method", "ours at", "backend", "ours ms", "paper ms", "ours / baseline", "paper / baseline"]
+    headers = ["method", "ours at", "backend", "precision", "ours ms", "paper ms", "ours / baseline",
+               "paper / baseline"]
     return markdown_table(headers, cells)
 
 
@@ -190,8 +196,9 @@ def render_markdown(result: Mapping) -> str:
     layouts, speed-ups over eager and the latency targets, where the run measured them."""
     s, env = result["settings"], result["environment"]
     versions = ", ".join(f"{k} {env['versions'][k]}" for k in ("torch", "triton", "onnxruntime", "tensorrt"))
+    precisions = ", ".join(s.get("precisions") or [s["precision"]])
     parts = [
-        f"## Latency: {', '.join(s['backends'])} · {s['precision']} · batch {s['batch']} · {s['device']} · "
+        f"## Latency: {', '.join(s['backends'])} · {precisions} · batch {s['batch']} · {s['device']} · "
         f"kernels {s['kernels']}" + (" · channels_last" if s.get("channels_last") else ""),
         f"Machine: {describe_machine(env)}. {versions}. "
         f"{s['warmup']} warm-up + {s['iters']} timed calls; ms per call of {s['batch']} image(s).",

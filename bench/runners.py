@@ -29,6 +29,8 @@ from bench.records import Settings
 from bench.timing import timer_for
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Every ``--precision``: the torch dtypes, and INT8 (calibrated Q/DQ graphs: onnxruntime and trt only).
+PRECISION_NAMES = (*PRECISIONS, "int8")
 MCAR_COMPONENTS = ("global", "g2l", "local", "total")
 
 Calls = dict[str, Callable[[], object]]
@@ -97,22 +99,30 @@ def torch_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings
     return {"total": lambda: forward(images)}
 
 
-def export_onnx(model: torch.nn.Module, images: torch.Tensor, workdir: Path) -> Path:
-    """:func:`fastmlr.export.to_onnx` of the fp32 CPU ``model`` at ``images``' size and batch, into
-    ``workdir`` (not validated: timing only)."""
+def export_onnx(
+    model: torch.nn.Module, images: torch.Tensor, workdir: Path, precision: str = "fp32", for_tensorrt: bool = False
+) -> Path:
+    """:func:`fastmlr.export.to_onnx` of the fp32 CPU ``model`` at ``images``' size and batch and at
+    ``precision``, into ``workdir`` (not validated: timing only). INT8 is calibrated on the packaged
+    photos, in TensorRT's signed form with ``for_tensorrt``."""
+    import warnings
+
     from fastmlr.export import to_onnx
 
     batch, _, size, _ = images.shape
-    name = f"{model.model_name}-{model.backbone_name}-{size}-b{batch}"
-    return to_onnx(model, workdir / f"{name}.onnx", image_size=size, batch=batch, validate=False)
+    name = f"{model.model_name}-{model.backbone_name}-{size}-b{batch}-{precision}{'-trt' * for_tensorrt}"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="calibrating INT8 ranges on the packaged")
+        return to_onnx(model, workdir / f"{name}.onnx", image_size=size, batch=batch, validate=False,
+                       precision=precision, symmetric_activations=for_tensorrt)
 
 
 def onnxruntime_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, workdir: Path) -> Calls:
-    """An ONNX Runtime session on the exported model (``--threads`` intra-op threads)."""
-    from fastmlr.runtime import ort_session
+    """An ONNX Runtime session on the model exported at ``--precision`` (``--threads`` intra-op threads)."""
+    from fastmlr.export.precision import precision_session
 
-    path = export_onnx(model, images, workdir)
-    session = ort_session(path, device=settings.device, threads=settings.threads)
+    path = export_onnx(model, images, workdir, settings.precision)
+    session = precision_session(path, device=settings.device, threads=settings.threads)
     if len(session.get_inputs()) != 1:
         raise ValueError(
             f"the exported graph {path.name} has {len(session.get_inputs())} inputs, expected 1 (images); "
@@ -123,15 +133,15 @@ def onnxruntime_calls(model: torch.nn.Module, images: torch.Tensor, settings: Se
 
 
 def trt_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, workdir: Path) -> Calls:
-    """A TensorRT engine at ``--precision`` built for exactly this batch, on fp32 GPU images."""
+    """A strongly typed TensorRT engine of the graph exported at ``--precision``, built for exactly this
+    batch, on fp32 GPU images."""
     from fastmlr.export import TRTRunner, build_engine
 
-    onnx_path = export_onnx(model, images, workdir)
+    onnx_path = export_onnx(model, images, workdir, settings.precision, for_tensorrt=True)
     batch = images.shape[0]
     engine = build_engine(
         onnx_path,
-        onnx_path.with_suffix(f".{settings.precision}.engine"),
-        precision=settings.precision,
+        onnx_path.with_suffix(".engine"),
         min_batch=batch,
         opt_batch=batch,
         max_batch=batch,
@@ -143,15 +153,14 @@ def trt_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, 
 
 
 def torch_trt_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, workdir: Path) -> Calls:
-    """Torch-TensorRT at ``--precision`` (which casts weights and expects inputs of that type) for
-    exactly this batch, on images cast alike."""
+    """Torch-TensorRT with the backbone at ``--precision`` for exactly this batch, on fp32 GPU images."""
     from fastmlr.export import compile_torch_tensorrt
 
     batch, _, size, _ = images.shape
     compiled = compile_torch_tensorrt(
         model, image_size=size, precision=settings.precision, min_batch=batch, opt_batch=batch, max_batch=batch
     )
-    images = images.to(device="cuda", dtype=PRECISIONS[settings.precision])
+    images = images.to(device="cuda")
     return {"total": lambda: compiled(images)}
 
 
@@ -174,8 +183,8 @@ def _onnxruntime_missing(settings: Settings) -> list[str]:
     missing = []
     if settings.device == "cuda" and not ort_cuda_available():
         missing.append("ONNX Runtime has no CUDAExecutionProvider: pip install onnxruntime-gpu")
-    if settings.precision != "fp32":
-        missing.append("--backend onnxruntime times fp32 graphs only: use --precision fp32")
+    if settings.precision == "bf16" and settings.device == "cpu":
+        missing.append("ONNX Runtime's CPU provider has no bf16 kernels: use --precision int8, fp32, or a GPU")
     return missing
 
 
@@ -186,6 +195,8 @@ def _trt_missing(settings: Settings) -> list[str]:
 
 
 def _torch_trt_missing(settings: Settings) -> list[str]:
+    if settings.precision == "int8":
+        return ["torch-trt compiles fp32/fp16/bf16; INT8 engines come from Q/DQ graphs: use --backend trt"]
     if not importable("torch_tensorrt"):
         return ["Torch-TensorRT is not installed: pip install torch-tensorrt (or pip install -e '.[trt]')"]
     return []
@@ -217,6 +228,8 @@ class BackendRunner:
         missing = []
         if self.gpu_only and settings.device != "cuda":
             missing.append(f"--backend {self.name} runs on NVIDIA GPUs only: use --device cuda")
+        if self.per_component and settings.precision == "int8":
+            missing.append("int8 runs as calibrated Q/DQ graphs: use --backend onnxruntime or trt")
         if self.per_component and settings.precision == "fp16" and settings.device == "cpu":
             missing.append("fp16 on CPU is not a deployment precision in torch: use --precision fp32 or bf16")
         return missing + self.requirements(settings)

@@ -1,9 +1,16 @@
 """TensorRT engines from fastmlr's ONNX exports, a cache for them, and a runner on torch CUDA tensors.
 
-Written against the TensorRT 10 Python API (``tensorrt``: ``Builder``, ``OnnxParser``, optimization
-profiles, ``IExecutionContext.set_tensor_address`` / ``execute_async_v3``). TensorRT is imported only
-when a function needs it; without it (or without a CUDA GPU) these functions raise ``RuntimeError``
-saying so. The pure parts — :func:`engine_cache_key` and :func:`profile_shapes` — need neither.
+Written against the TensorRT 10.12+ and 11 Python API (``tensorrt``: ``Builder``, ``OnnxParser``,
+optimization profiles, ``IExecutionContext.set_tensor_address`` / ``execute_async_v3``). Every network
+is **strongly typed**: each tensor has the type the ONNX graph gives it, so an engine's precision is
+the graph's (:mod:`fastmlr.export.precision`: fp16/bf16 casts, INT8 Q/DQ nodes), never a builder
+flag. TensorRT 11 removed the weak-typing API (``BuilderFlag.FP16/BF16/INT8/FP8``, INT8 calibrators)
+and builds only strongly typed networks; 10.12–10.x asks for one with
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; older versions are refused (:data:`MIN_TENSORRT`).
+
+TensorRT is imported only when a function needs it; without it (or without a CUDA GPU) these
+functions raise ``RuntimeError`` saying so. The pure parts — :func:`engine_cache_key`,
+:func:`profile_shapes` and :func:`network_flags` — need neither.
 
 This code has not run here: TensorRT cannot be installed on fastmlr's development, CI or measurement
 machines. Its tests skip with that reason where ``tensorrt`` or CUDA is missing.
@@ -27,6 +34,7 @@ from .onnx_export import (
     staging_directory,
     to_onnx,
 )
+from .precision import check_precision, graph_precision, uint8_activations
 from .tensorrt_ops import check_tensorrt_ops, load_onnx
 from .validation import (
     ValidationReport,
@@ -36,7 +44,9 @@ from .validation import (
     validation_inputs,
 )
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: The oldest TensorRT that builds strongly typed networks from ONNX (the flag came with 10.12's
+#: deprecation of weak typing).
+MIN_TENSORRT = (10, 12)
 TENSORRT_MISSING = "TensorRT is not installed: pip install fastmlr[trt] on a machine with an NVIDIA GPU"
 
 Shape = tuple[int, ...]
@@ -56,12 +66,6 @@ def require_cuda() -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("TensorRT needs an NVIDIA GPU, and torch sees no CUDA device here")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    return precision
 
 
 def check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
@@ -133,11 +137,41 @@ def engine_cache_key(
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _explicit_batch_flags(trt) -> int:
-    """Network creation flags: explicit batch (the only mode of TensorRT 10; a flag before it)."""
-    if int(trt.__version__.split(".")[0]) >= 10:
+def tensorrt_version(trt) -> tuple[int, int]:  # noqa: ANN001 - the tensorrt module
+    """``(major, minor)`` of the imported TensorRT (``trt.__version__``, e.g. ``"10.13.0.35"``)."""
+    try:
+        major, minor = (int(part) for part in trt.__version__.split(".")[:2])
+    except ValueError as err:
+        raise RuntimeError(f"cannot read TensorRT's version from {trt.__version__!r}") from err
+    return major, minor
+
+
+def network_flags(trt) -> int:  # noqa: ANN001 - the tensorrt module
+    """``create_network`` flags for a strongly typed network: none on TensorRT 11+ (every network is
+    strongly typed), ``STRONGLY_TYPED`` on 10.12–10.x. ``RuntimeError`` naming the minimum on older
+    versions, whose strongly typed mode fastmlr does not target."""
+    version = tensorrt_version(trt)
+    if version < MIN_TENSORRT:
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} is too old: fastmlr builds strongly typed networks (precision from the "
+            f"ONNX graph), which needs TensorRT >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]}; pip install -U tensorrt")
+    if version[0] >= 11:
         return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def check_engine_graph(onnx_model: str | os.PathLike | onnx.ModelProto) -> str:
+    """The graph's precision, once the graph is one TensorRT builds as a strongly typed network:
+    ``ValueError`` for an INT8 graph with uint8 activations (ONNX Runtime's CPU form; TensorRT's INT8
+    Q/DQ is signed with zero point 0: export with ``symmetric_activations=True``)."""
+    model = load_onnx(onnx_model)
+    unsigned = uint8_activations(model)
+    if unsigned:
+        raise ValueError(
+            f"this INT8 graph quantizes activations to uint8 ({len(unsigned)} QuantizeLinear nodes, e.g. "
+            f"{unsigned[0]!r}), ONNX Runtime's CPU form; TensorRT builds only signed, zero-point-0 INT8: export "
+            "with to_onnx(..., precision='int8', symmetric_activations=True)")
+    return graph_precision(model)
 
 
 def _write_atomically(data: bytes, path: Path) -> None:
@@ -150,7 +184,6 @@ def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
     *,
-    precision: str = "fp32",
     min_batch: int = 1,
     opt_batch: int = 1,
     max_batch: int = 1,
@@ -159,20 +192,23 @@ def build_engine(
 ) -> Path:
     """Build a serialized TensorRT engine (plan) from an ONNX file and write it to ``engine_path``.
 
-    One optimization profile covers batches ``min_batch..max_batch`` (tuned for ``opt_batch``) on
-    every input (:func:`profile_shapes`). ``precision`` ``"fp16"`` / ``"bf16"`` sets the builder flag
-    that lets TensorRT pick kernels of that type (layers may stay in fp32); ``workspace_gb`` caps the
-    workspace memory pool. With ``cache_dir``, the plan is stored there under
-    :func:`engine_cache_key` and reused when the same ONNX bytes, shapes, precision, TensorRT version
-    and GPU come again. Raises ``RuntimeError`` without TensorRT or CUDA, or when parsing or building
-    fails (with the parser's errors).
+    The network is strongly typed (:func:`network_flags`): the engine computes in the types the graph
+    holds, so its precision is the graph's (:func:`fastmlr.export.to_onnx` ``precision=``; read back
+    from the graph's ``fastmlr.precision`` metadata). One optimization profile covers batches
+    ``min_batch..max_batch`` (tuned for ``opt_batch``) on every input (:func:`profile_shapes`);
+    ``workspace_gb`` caps the workspace memory pool. With ``cache_dir``, the plan is stored there
+    under :func:`engine_cache_key` and reused when the same ONNX bytes, shapes, precision, TensorRT
+    version and GPU come again. Raises ``ValueError`` for a graph TensorRT cannot build strongly typed
+    (:func:`check_engine_graph`), ``RuntimeError`` without TensorRT 10.12+ or CUDA, or when parsing or
+    building fails (with the parser's errors).
     """
-    check_precision(precision)
     if not workspace_gb > 0:
         raise ValueError(f"workspace_gb must be positive, got {workspace_gb}")
     shapes = profile_shapes(onnx_path, min_batch, opt_batch, max_batch)
+    precision = check_engine_graph(onnx_path)
     out = check_output_path(engine_path)
     trt = import_tensorrt()
+    flags = network_flags(trt)
     device = require_cuda()
     cached = None
     if cache_dir is not None:
@@ -182,7 +218,7 @@ def build_engine(
         if cached.is_file():
             shutil.copyfile(cached, out)
             return out
-    plan = _build_plan(trt, Path(onnx_path), shapes, precision, workspace_gb)
+    plan = _build_plan(trt, Path(onnx_path), shapes, flags, workspace_gb)
     _write_atomically(plan, out)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -190,21 +226,18 @@ def build_engine(
     return out
 
 
-def _build_plan(trt, onnx_path: Path, shapes: dict, precision: str, workspace_gb: float) -> bytes:
-    """Parse the ONNX file and build the serialized plan (TensorRT Python API)."""
+def _build_plan(trt, onnx_path: Path, shapes: dict, flags: int, workspace_gb: float) -> bytes:  # noqa: ANN001
+    """Parse the ONNX file into a network created with ``flags`` and build the serialized plan. No
+    precision flag is set: a strongly typed network takes its types from the graph."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_explicit_batch_flags(trt))
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
     for name, (smallest, optimal, largest) in shapes.items():
         profile.set_shape(name, smallest, optimal, largest)
@@ -320,11 +353,18 @@ def engine_from_onnx(
 ) -> Path:
     """ONNX export of ``model`` to validated engine: :func:`~fastmlr.export.check_tensorrt_ops`,
     :func:`build_engine`, then :func:`validate_engine` at ``opt_batch``, ``min_batch`` and
-    ``max_batch``; the plan reaches ``engine_path`` only if all pass."""
+    ``max_batch``; the plan reaches ``engine_path`` only if all pass. ``precision`` must be the
+    graph's (a strongly typed engine cannot change it): ``ValueError`` otherwise."""
+    check_precision(precision)
     out = check_output_path(engine_path)
     check_tensorrt_ops(onnx_path)
+    built = check_engine_graph(onnx_path)
+    if built != precision:
+        raise ValueError(f"{onnx_path} is a {built} graph and the engine was asked for {precision}: a strongly "
+                         "typed engine computes in the graph's types; export with "
+                         f"to_onnx(..., precision={precision!r})")
     with staging_directory(out) as staging:
-        staged = build_engine(onnx_path, Path(staging) / out.name, precision=precision, min_batch=min_batch,
+        staged = build_engine(onnx_path, Path(staging) / out.name, min_batch=min_batch,
                               opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
                               cache_dir=cache_dir)
         batches = sorted({opt_batch, min_batch, max_batch}, key=lambda b: b != opt_batch)
@@ -346,9 +386,11 @@ def export_engine(
     workspace_gb: float = 4,
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> Path:
-    """Model to validated engine: :func:`~fastmlr.export.to_onnx` (validated in ONNX Runtime; the batch
-    axis is dynamic when ``min_batch != max_batch``), then :func:`engine_from_onnx`."""
+    """Model to validated engine: :func:`~fastmlr.export.to_onnx` at ``precision`` (validated in ONNX
+    Runtime; the batch axis is dynamic when ``min_batch != max_batch``; INT8 in TensorRT's signed
+    Q/DQ form, calibrated on ``calibration``), then :func:`engine_from_onnx`."""
     check_precision(precision)
     check_batches(min_batch, opt_batch, max_batch)
     out = check_output_path(engine_path)
@@ -356,7 +398,8 @@ def export_engine(
     require_cuda()
     with staging_directory(out) as staging:
         onnx_path = to_onnx(model, Path(staging) / "model.onnx", image_size=image_size, batch=opt_batch,
-                            dynamic_batch=min_batch != max_batch, opset=opset, images=images)
+                            dynamic_batch=min_batch != max_batch, opset=opset, images=images, precision=precision,
+                            calibration=calibration, symmetric_activations=True)
         return engine_from_onnx(onnx_path, model, out, image_size=image_size, precision=precision,
                                 min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                                 workspace_gb=workspace_gb, images=images, cache_dir=cache_dir)

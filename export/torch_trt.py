@@ -19,6 +19,7 @@ where they are missing.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -28,7 +29,8 @@ from torch import nn
 from fastmlr import kernels
 
 from .onnx_export import ExportWrapper, check_image_size, transformer_fastpath_disabled
-from .tensorrt import check_batches, check_precision, require_cuda
+from .precision import check_precision
+from .tensorrt import check_batches, require_cuda
 
 TORCH_TENSORRT_MISSING = "torch-tensorrt is not installed: pip install fastmlr[trt] on a machine with an NVIDIA GPU"
 NAMESPACE = "fastmlr_trt"
@@ -129,6 +131,29 @@ def register_plugins(torch_tensorrt) -> list[str]:
     return list(_registered_plugins)
 
 
+class LowPrecisionBackbone(nn.Module):
+    """A backbone computing in ``dtype`` between float32 borders: the input is cast to ``dtype``, the
+    features back to float32, so everything around it (heads, MCAR's decision path) stays float32."""
+
+    def __init__(self, features: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.features = features.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images.to(self.dtype)).float()
+
+
+def with_low_precision_backbone(model: nn.Module, precision: str) -> nn.Module:
+    """A copy of ``model`` whose backbone (``model.features``) computes in ``precision`` (fp16 / bf16)
+    inside :class:`LowPrecisionBackbone`; ``model`` itself for fp32."""
+    if precision == "fp32":
+        return model
+    low = copy.deepcopy(model)
+    low.features = LowPrecisionBackbone(low.features, DTYPES[precision])
+    return low
+
+
 def compile_torch_tensorrt(
     model: nn.Module,
     *,
@@ -142,28 +167,36 @@ def compile_torch_tensorrt(
     """Compile ``model`` with torch-tensorrt (dynamo frontend), the Triton kernels as plugins.
 
     The module compiled is :class:`~fastmlr.export.onnx_export.ExportWrapper` (outputs ``(probs,)``,
-    or :data:`~fastmlr.export.validation.STAGE_OUTPUTS` for MCAR), in ``precision`` (weights and input
-    cast to fp32 / fp16 / bf16, so the types are explicit), exported with ``torch.export`` for batches
-    ``min_batch..max_batch`` and compiled with ``min_block_size=1``. Returns the compiled module;
-    call it on CUDA tensors of that dtype. Raises ``RuntimeError`` without torch-tensorrt or CUDA.
+    or :data:`~fastmlr.export.validation.STAGE_OUTPUTS` for MCAR) with the backbone in ``precision``
+    (:func:`with_low_precision_backbone`: fp16 / bf16 weights and activations, casts at its borders)
+    and everything else, MCAR's decision path and kernels included, in float32. The types are in the
+    program and compiled with ``use_explicit_typing=True`` (torch-tensorrt 2.x: TensorRT's strongly
+    typed mode, the only one TensorRT 11 has; no ``enabled_precisions``). It is exported with
+    ``torch.export`` for batches ``min_batch..max_batch`` and compiled with ``min_block_size=1``.
+    Returns the compiled module; call it on float32 CUDA images. INT8 goes through ONNX Q/DQ graphs
+    (:func:`~fastmlr.export.export_engine`): ``ValueError`` here. Raises ``RuntimeError`` without
+    torch-tensorrt or CUDA.
     """
     check_precision(precision)
+    if precision not in DTYPES:
+        raise ValueError(f"torch-tensorrt compiles fp32, fp16 or bf16, got {precision!r}; INT8 engines are built "
+                         "from calibrated Q/DQ ONNX graphs: fastmlr.export.export_engine(..., precision='int8')")
     check_batches(min_batch, opt_batch, max_batch)
     check_image_size(image_size)
     torch_tensorrt = import_torch_tensorrt()
     device = require_cuda()
     register_plugins(torch_tensorrt)
-    dtype = DTYPES[precision]
-    wrapper = ExportWrapper(model).eval().to(device=device, dtype=dtype)
+    model = with_low_precision_backbone(model, precision)
+    wrapper = ExportWrapper(model).eval().to(device=device)
     dynamic = min_batch != max_batch
     # torch.export specialises axes of size 1, so a dynamic batch is traced at 2 or more.
     example_batch = min(max(opt_batch, 2), max_batch) if dynamic else opt_batch
-    example = torch.randn(example_batch, 3, image_size, image_size, device=device, dtype=dtype)
+    example = torch.randn(example_batch, 3, image_size, image_size, device=device)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=min_batch, max=max_batch)},) if dynamic else None
     with torch.no_grad(), plugin_kernels(), transformer_fastpath_disabled(), input_checks_skipped(model):
         program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
     shape = (3, image_size, image_size)
     inputs = [torch_tensorrt.Input(min_shape=(min_batch, *shape), opt_shape=(opt_batch, *shape),
-                                   max_shape=(max_batch, *shape), dtype=dtype)]
-    return torch_tensorrt.dynamo.compile(program, inputs, min_block_size=1,
+                                   max_shape=(max_batch, *shape), dtype=torch.float32)]
+    return torch_tensorrt.dynamo.compile(program, inputs, min_block_size=1, use_explicit_typing=True,
                                          workspace_size=int(workspace_gb * (1 << 30)))

@@ -164,7 +164,8 @@ def _write_model_version(
     version_dir = model_dir / str(version)
     with staging_directory(model_dir / "config.pbtxt") as staging:
         onnx_path = to_onnx(model, Path(staging) / "model.onnx", image_size=image_size, batch=max_batch_size,
-                            dynamic_batch=True, opset=opset, images=images)
+                            dynamic_batch=True, opset=opset, images=images, precision=precision,
+                            symmetric_activations=True)
         inputs, outputs = tensor_specs(onnx_path)
         version_dir.mkdir(exist_ok=True)
         if platform == "plan":

@@ -308,3 +308,20 @@ def released_mlgcn_logits(
     x = F.leaky_relu(x, 0.2)
     x = torch.matmul(adj, torch.matmul(x, state["gc2.weight"]))
     return torch.matmul(feature, x.transpose(0, 1))
+
+
+@torch.no_grad()
+def condition_for_low_precision(model: nn.Module, batch: torch.Tensor, residual_gain: float = 0.2) -> nn.Module:
+    """A random-weight model whose reduced-precision drift resembles a trained one's: the last
+    BatchNorm of every residual block scaled by ``residual_gain`` (its gamma), then
+    :func:`calibrate_batchnorm` on ``batch`` (real images). Returns the model in eval mode.
+
+    A freshly initialised residual network adds branches of the same size as the trunk at every
+    block, so rounding errors grow with depth far faster than in trained networks, whose residual
+    branches are small; without this, fp16 flips rankings a trained model keeps."""
+    for block in model.features.modules():
+        residual = type(block).__name__ in ("Bottleneck", "BasicBlock") or getattr(block, "use_res_connect", False)
+        if residual:
+            norms = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+            norms[-1].weight.mul_(residual_gain)
+    return calibrate_batchnorm(model, batch)
