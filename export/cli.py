@@ -79,7 +79,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_output_dir(args.out, "--out", (f"{args.model}/config.pbtxt", f"{args.model}/1/{model_file}"),
                          args.overwrite)
     else:
-        check_output_file(args.out, "--out", args.overwrite)
+        check_output_file(args.out, "--out", args.overwrite, create_dirs=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,9 +38,16 @@ from fastmlr.kernels import use_backend
 from torch import nn
 from torch.onnx import symbolic_helper
 
-from fastmlr.runtime import ort_session
-from fastmlr.checks import check_image_size
+from fastmlr.checks import check_image_size, check_output_file
 
+from .precision import (
+    check_calibration_method,
+    check_precision,
+    convert_precision,
+    held_out_images,
+    load_calibration,
+    precision_session,
+)
 from .tensorrt_ops import tensorrt_op_support
 from .validation import (
     IMAGENET_MEAN,
@@ -112,18 +119,11 @@ def check_export_args(model: nn.Module, image_size: int, batch: int, opset: int)
         raise ValueError(f"{model_name(model)} needs ONNX opset {needed} or later, got opset {opset}")
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """The output path, once its directory is known to exist; ``FileNotFoundError`` or ``ValueError``
-    otherwise (a path that is a directory, a parent that is a file)."""
-    out = Path(path)
-    if out.is_dir():
-        raise ValueError(f"output path {out} is a directory; give a file name")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise FileNotFoundError(f"output directory does not exist: {parent}")
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {out}: {parent} is not a directory")
-    return out
+def check_output_path(path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """The output path, once :func:`fastmlr.checks.check_output_file` has found it writable: not a
+    directory, its directory existing (``FileNotFoundError`` otherwise) and writable, an existing file
+    replaced only with ``overwrite``."""
+    return check_output_file(path, "output path", overwrite, create_dirs=False)
 
 
 STAGING_PREFIX = ".fastmlr-export-"

@@ -124,19 +124,25 @@ def _check_writable_dir(directory: pathlib.Path, option: str, path: pathlib.Path
         raise ValueError(f"{option} {path}: cannot write in {directory} ({err.strerror or err})") from None
 
 
-def _check_creatable(path: pathlib.Path, option: str) -> None:
+def _check_creatable(path: pathlib.Path, option: str, create_dirs: bool = True) -> None:
     """``path`` can be created: its nearest existing ancestor is a writable directory (the missing
-    directories between are created by the command)."""
+    directories between are created by the command); without ``create_dirs`` its directory must exist
+    (``FileNotFoundError``)."""
     anchor = _first_existing(path.parent)
     if not anchor.is_dir():
-        raise ValueError(f"{option} {path}: {anchor} is a file, not a directory")
+        raise ValueError(f"{option} {path}: {anchor} is not a directory")
+    if not create_dirs and anchor != path.parent.absolute():
+        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
     _check_writable_dir(anchor, option, path)
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--out", overwrite: bool = False) -> pathlib.Path:
+def check_output_file(
+    path: str | os.PathLike, option: str = "--out", overwrite: bool = False, create_dirs: bool = True
+) -> pathlib.Path:
     """Check, before any work, that a command can write the file ``path``: it is not a directory, it
-    does not exist unless ``overwrite`` (then it must be writable), and its directory exists or can be
-    created in a writable directory. Returns the path; ``ValueError`` naming ``option`` otherwise."""
+    does not exist unless ``overwrite`` (then it must be writable), and its directory exists or (with
+    ``create_dirs``) can be created in a writable directory. Returns the path; ``ValueError`` (or
+    ``FileNotFoundError`` for a missing directory) naming ``option`` otherwise."""
     out = pathlib.Path(path)
     if out.is_dir():
         raise ValueError(f"{option} {out} is a directory; give a file name")
@@ -148,7 +154,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--out", overwrite:
                 pass
         except OSError as err:
             raise ValueError(f"{option} {out} exists and cannot be written ({err.strerror or err})") from None
-    _check_creatable(out, option)
+    _check_creatable(out, option, create_dirs)
     return out
 
 

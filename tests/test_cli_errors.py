@@ -67,7 +67,8 @@ CASES = [
     ("export-out-directory", [*EXPORT, "--out", "{tmp}"], 1, "--out .* is a directory; give a file name"),
     ("export-out-exists", [*EXPORT, "--out", "{file}"], 1, "--out .* exists; pass --overwrite"),
     ("export-out-readonly", [*EXPORT, "--out", "{readonly}/m.onnx"], 1, "--out .*: cannot write in"),
-    ("export-out-under-file", [*EXPORT, "--out", "{file}/m.onnx"], 1, "is a file, not a directory"),
+    ("export-out-under-file", [*EXPORT, "--out", "{file}/m.onnx"], 1, "existing.json is not a directory"),
+    ("export-out-missing-dir", [*EXPORT, "--out", "{tmp}/none/m.onnx"], 1, "output directory does not exist"),
     ("export-triton-out-file", [*EXPORT, "--format", "triton-server", "--out", "{file}"], 1,
      "--out .* is a file; give a directory"),
     # model options (shared by export, evaluate, predict)
@@ -207,7 +208,7 @@ BENCH_CASES = [
     ("latency", ["--model", "baseline", "--out", "{file}"], r"--out .*existing.json exists; pass --overwrite"),
     ("latency", ["--model", "baseline", "--out", "{tmp}/r.txt"], "the suffix must be one of"),
     ("latency", ["--model", "baseline", "--out", "{readonly}/r.json"], "cannot write in"),
-    ("latency", ["--model", "baseline", "--out", "{file}/r.json"], "is a file, not a directory"),
+    ("latency", ["--model", "baseline", "--out", "{file}/r.json"], "existing.json is not a directory"),
     ("bench_g2l", ["--out", "{file}"], "exists; pass --overwrite"),
     ("bench_g2l", ["--out", "{readonly}/g2l.json"], "cannot write in"),
     ("bench_attention", ["--out", "{readonly}/attention.json"], "cannot write in"),
