@@ -39,15 +39,8 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from fastmlr.checks import check_image_size, check_output_file
+from fastmlr.runtime import ort_session
 
-from .precision import (
-    check_calibration_method,
-    check_precision,
-    convert_precision,
-    held_out_images,
-    load_calibration,
-    precision_session,
-)
 from .tensorrt_ops import tensorrt_op_support
 from .validation import (
     IMAGENET_MEAN,
