@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.timing import Stats
+
 
 @dataclass(frozen=True)
 class Config:
@@ -42,13 +44,14 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Measurement:
-    """The times of one component (``"total"``: the whole model) of one configuration.
+class Measurement(Stats):
+    """The times of one component (``"total"``: the whole model) of one configuration: the statistics
+    of :class:`bench.timing.Stats`, and
 
-    ``first_call_ms`` is the first call, timed apart (compilation, runtime initialisation);
-    ``setup_s`` the time to build what is called (export, engine build, compile wrappers);
-    ``samples_ms`` every timed call; the statistics are :class:`bench.timing.Stats`' fields;
-    ``paper`` the papers' figures for the same thing (:meth:`bench.paper_tables.PaperFigure.as_dict`).
+    ``first_call_ms``, the first call, timed apart (compilation, runtime initialisation);
+    ``setup_s``, the time to build what is called (export, engine build, compile wrappers);
+    ``samples_ms``, every timed call; ``paper``, the papers' figures for the same thing
+    (:meth:`bench.paper_tables.PaperFigure.as_dict`).
     """
 
     model: str
@@ -63,12 +66,6 @@ class Measurement:
     timer: str
     setup_s: float
     first_call_ms: float
-    median_ms: float
-    p90_ms: float
-    min_ms: float
-    mean_ms: float
-    ms_per_image: float
-    images_per_s: float
     samples_ms: list[float] = field(default_factory=list)
     paper: list[dict] = field(default_factory=list)
 

@@ -3,9 +3,10 @@
 Each op takes ``backend="auto" | "torch" | "triton"``, with one meaning for every op:
 
 - ``"torch"`` runs the op's PyTorch path: plain torch ops on any device, differentiable, and what the
-  exporters trace. It computes the op's exact semantics — the G-to-L ops' ``*_torch`` functions are
-  their reference; the attention ops evaluate their ``*_reference`` formula in (batch, class) chunks
-  of bounded memory, equal to it up to floating-point summation order.
+  exporters trace. It computes the op's exact semantics — for the G-to-L ops it is their
+  ``*_reference`` function; the attention ops compute their ``*_reference`` formula without its
+  ``[B, C, HW, D]`` broadcast (in (batch, class) chunks of bounded memory where one would be needed),
+  equal to it up to floating-point summation order.
 - ``"triton"`` runs the op's Triton kernel. Triton needs CUDA tensors, or CPU tensors with
   ``TRITON_INTERPRET=1`` set before :mod:`fastmlr.kernels` is imported (how CI tests the kernels).
   When it cannot run, the op falls back to ``"torch"`` and says so once per op through :mod:`logging`.
@@ -15,7 +16,7 @@ Each op takes ``backend="auto" | "torch" | "triton"``, with one meaning for ever
   under ``use_backend("torch")``; the attention ops also take their ``"torch"`` path by themselves
   while any tracer runs (:func:`~fastmlr.kernels._utils.is_exporting`).
 
-``*_reference`` / ``*_torch`` functions are the test oracles: the formula as written, not dispatched.
+Every op's ``<op>_reference`` function is its test oracle: the formula as written, not dispatched.
 Each op's docstring lists its paths.
 
 ``use_backend(name)`` forces one backend for every dispatching op inside the ``with`` block, whatever

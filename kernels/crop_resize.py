@@ -37,7 +37,7 @@ import triton.language as tl
 from ._dispatch import forced_backend, interpreter_enabled, resolve_backend
 from ._utils import is_exporting, size_pair
 
-__all__ = ["crop_resize", "crop_resize_per_region", "crop_resize_torch"]
+__all__ = ["crop_resize", "crop_resize_per_region", "crop_resize_reference"]
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -157,7 +157,7 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return result if out is None or result is out else out.copy_(result)
 
 
-def crop_resize_torch(
+def crop_resize_reference(
     images: torch.Tensor,
     boxes: torch.Tensor,
     size: int | tuple[int, int],
@@ -379,9 +379,9 @@ def crop_resize(
     if torch.is_grad_enabled() and images.requires_grad:
         # The Triton kernel and the per-region path (aten's out= variant) have no autograd formula;
         # the vectorised reference is made of differentiable gathers and products.
-        return crop_resize_torch(images, boxes, size, **kwargs)
+        return crop_resize_reference(images, boxes, size, **kwargs)
     if resolve_backend("crop_resize", backend, images, boxes) == "triton":
         return _crop_resize_triton(images, boxes, size, **kwargs)
     if backend == "auto" and forced_backend() is None and not is_exporting() and images.device.type == "cpu":
         return crop_resize_per_region(images, boxes, size, **kwargs)
-    return crop_resize_torch(images, boxes, size, **kwargs)
+    return crop_resize_reference(images, boxes, size, **kwargs)

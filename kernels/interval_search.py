@@ -34,7 +34,7 @@ from fastmlr.checks import check_threshold
 from ._dispatch import resolve_backend
 from ._utils import is_exporting
 
-__all__ = ["interval_search", "interval_search_torch", "normalize_profiles"]
+__all__ = ["interval_search", "interval_search_reference", "normalize_profiles"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -119,7 +119,7 @@ def search_normalized(s: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.cat([lo, hi], dim=-1)
 
 
-def interval_search_torch(profiles: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def interval_search_reference(profiles: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Torch reference of :func:`interval_search` (no input checks)."""
     return search_normalized(normalize_profiles(profiles), threshold)
 
@@ -274,4 +274,4 @@ def interval_search(profiles: torch.Tensor, threshold: float = 0.5, *, backend: 
     check_profiles(profiles, threshold)
     if resolve_backend("interval_search", backend, profiles) == "triton":
         return _interval_search_triton(profiles, threshold)
-    return interval_search_torch(profiles, threshold)
+    return interval_search_reference(profiles, threshold)

@@ -48,9 +48,9 @@ from fastmlr.checks import check_finite, check_threshold
 
 from ._dispatch import resolve_backend
 from ._utils import is_exporting, size_pair
-from .interval_search import interval_search_torch, launch_interval_search
+from .interval_search import interval_search_reference, launch_interval_search
 
-__all__ = ["axis_sampling", "localize_regions", "localize_regions_torch", "max_marginals", "selected_maps"]
+__all__ = ["axis_sampling", "localize_regions", "localize_regions_reference", "max_marginals", "selected_maps"]
 
 
 def image_hw(image_size: int | tuple[int, int], op: str = "localize_regions") -> tuple[int, int]:
@@ -120,7 +120,7 @@ def sampling_tensors(in_size: int, out_size: int, device: torch.device) -> tuple
     return tuple(torch.from_numpy(a).to(device) for a in axis_sampling(in_size, out_size))
 
 
-def _max_marginals_torch(maps: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _max_marginals_reference(maps: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Doc §1 steps 3 and 5 on float32 ``maps [..., h, w]`` → ``(px [..., W], py [..., H])``.
 
     Indexes the last two axes only, so the leading axes (batch, regions) are never reshaped: traced
@@ -278,7 +278,7 @@ def max_marginals(
     if resolve_backend("max_marginals", backend, maps) == "triton":
         px, py = _launch_max_marginals(flat.contiguous(), height, width)
     else:
-        px, py = _max_marginals_torch(flat, height, width)
+        px, py = _max_marginals_reference(flat, height, width)
     return px.reshape(*lead, width), py.reshape(*lead, height)
 
 
@@ -287,7 +287,7 @@ def _boxes_from_intervals(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
-def localize_regions_torch(
+def localize_regions_reference(
     cam_logits: torch.Tensor, indices: torch.Tensor, image_size: int | tuple[int, int], threshold: float = 0.5
 ) -> torch.Tensor:
     """Torch reference of :func:`localize_regions` (no input checks)."""
@@ -295,11 +295,11 @@ def localize_regions_torch(
     maps = selected_maps(cam_logits, indices)
     if maps.numel() == 0:
         return torch.empty(*indices.shape, 4, dtype=torch.long, device=cam_logits.device)
-    px, py = _max_marginals_torch(maps, height, width)  # [B, N, W], [B, N, H]
+    px, py = _max_marginals_reference(maps, height, width)  # [B, N, W], [B, N, H]
     if height == width:  # one search over both profiles: half the (small) ops
-        x, y = interval_search_torch(torch.stack([px, py]), threshold).unbind(0)
+        x, y = interval_search_reference(torch.stack([px, py]), threshold).unbind(0)
         return _boxes_from_intervals(x, y)
-    return _boxes_from_intervals(interval_search_torch(px, threshold), interval_search_torch(py, threshold))
+    return _boxes_from_intervals(interval_search_reference(px, threshold), interval_search_reference(py, threshold))
 
 
 def _localize_regions_triton(
@@ -338,4 +338,4 @@ def localize_regions(
     check_threshold(threshold, "localize_regions: threshold")
     if resolve_backend("localize_regions", backend, cam_logits, indices) == "triton":
         return _localize_regions_triton(cam_logits, indices, size, threshold)
-    return localize_regions_torch(cam_logits, indices, size, threshold)
+    return localize_regions_reference(cam_logits, indices, size, threshold)

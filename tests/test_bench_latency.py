@@ -251,6 +251,13 @@ def test_time_calls_counts_and_measures():
     assert len(samples) == 3 == len(calls) and all(s >= 0 for s in samples)
 
 
+def test_interleaved_calls_each_implementation_once_per_round_in_turn():
+    order = []
+    times = timing.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, "perf_counter")
+    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up call each, then the rounds
+    assert [len(t) for t in times.values()] == [3, 3]
+
+
 def test_parse_list_all_and_duplicates():
     assert latency.parse_list("resnet50,all", latency.BACKBONES, "backbone", all_means=latency.BACKBONES) == [
         "resnet50",

@@ -25,7 +25,7 @@ from fastmlr.export.validation import (
 )
 from fastmlr.kernels import use_backend
 from fastmlr.kernels.interval_search import normalize_profiles
-from fastmlr.kernels.localize import _max_marginals_torch, selected_maps
+from fastmlr.kernels.localize import _max_marginals_reference, selected_maps
 from torch import nn
 
 import fastmlr
@@ -90,7 +90,7 @@ def tau_margin(model: nn.Module, images: torch.Tensor) -> float:
         global_scores, cam_logits = model.global_stream(images)
         indices = select_top_classes(global_scores, model.topn)
         maps = selected_maps(cam_logits, indices).flatten(0, 1)
-        profiles = _max_marginals_torch(maps, *images.shape[-2:])
+        profiles = _max_marginals_reference(maps, *images.shape[-2:])
     return min(float((normalize_profiles(p) - model.threshold).abs().min()) for p in profiles)
 
 
