@@ -90,7 +90,7 @@ def torch_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings
     if settings.channels_last:  # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    from fastmlr.export.onnx_export import has_stages
+    from fastmlr.export.validation import has_stages
 
     wrap = torch.compile if compile else (lambda fn: fn)
     if has_stages(model):  # MCAR: timed per Table IX column

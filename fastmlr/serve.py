@@ -105,8 +105,10 @@ def check_serve_options(backend: str, precision: str, max_batch: int) -> None:
 
 def served_outputs(model) -> tuple[tuple[str, tuple[int, ...]], ...]:  # noqa: ANN001 - any fastmlr model
     """``probs [C]``, plus ``boxes [N, 4]`` and ``indices [N]`` for models with ``forward_stages`` (MCAR)."""
+    from fastmlr.export.validation import has_stages
+
     outputs: list[tuple[str, tuple[int, ...]]] = [("probs", (int(model.num_classes),))]
-    if hasattr(model, "forward_stages"):
+    if has_stages(model):
         outputs += [("boxes", (int(model.topn), 4)), ("indices", (int(model.topn),))]
     return tuple(outputs)
 
