@@ -15,11 +15,9 @@ Implementations: ``naive`` (the ``*_reference`` broadcast forms), ``chunked`` (`
 the memory-bounded torch path) and, on CUDA, ``triton`` (the fused kernels).
 
 Each (path, implementation, batch) runs in its own subprocess so that peak memory is its own. Peak
-activation memory = peak during the first call minus what was held just before it (inputs
-included in the latter): on CUDA from ``torch.cuda.max_memory_allocated``; on CPU from the process's
-peak resident set (``VmHWM``, reset to the current RSS through ``/proc/self/clear_refs``: Linux), which
-also counts allocator slack and so is an upper bound. A warm-up call on tiny inputs precedes the
-window. Time = median of ``--repeats`` calls after the measured one.
+activation memory = peak during the first call minus what was held just before it, inputs included
+in the latter (:func:`bench.memory.peak_bytes`: exact on CUDA, an upper bound on CPU). A warm-up
+call on tiny inputs precedes the window. Time = median of ``--repeats`` calls after the measured one.
 
 Writes JSON (results, naive/impl ratios, environment) and a markdown table beside it (``.md``).
 Targets: chunked/fused peak <= 1/10 of naive at B = 16; fused >= 2x faster than naive on GPU.
@@ -48,6 +46,7 @@ from fastmlr.kernels import (
 )
 
 from bench.environment import capture_environment, describe_machine
+from bench.memory import MEASURES, peak_bytes
 from bench.timing import pair_with_baseline, summarize, time_calls, timer_for
 from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
 
@@ -92,28 +91,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _proc_status_bytes(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process from ``/proc/self/status``, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
-def _start_peak_window(device: str) -> int:
-    """Reset the peak-memory counter to what is held now and return that (bytes)."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
-    return _proc_status_bytes("VmRSS")
-
-
-def _peak_in_window(device: str) -> int:
-    """Peak allocated (CUDA) or resident (CPU) bytes since :func:`_start_peak_window`."""
-    return torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
-
-
 @dataclass(frozen=True)
 class Footprint:
     """Peak activation memory of the first call and the times of the calls after it."""
@@ -145,9 +122,7 @@ def measure(
     with torch.no_grad():  # load code paths and lazy state on tiny inputs, outside the window
         run_path(path, impl, make_inputs(1, 2, 3, 4, device))
     _sync(device)
-    before = _start_peak_window(device)
-    call()
-    peak = _peak_in_window(device) - before
+    peak = peak_bytes(call, device)
     times = time_calls(call, repeats, timer_for(device, own_stream=True))
     return Footprint(path, impl, batch, peak, summarize(times).median_ms, times)
 
@@ -270,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
-        "memory_measure": (
-            "torch.cuda.max_memory_allocated minus allocated before the call"
-            if args.device == "cuda"
-            else "peak RSS (VmHWM, reset through /proc/self/clear_refs) during the call minus RSS before it"
-        ),
+        "memory_measure": MEASURES[args.device],
         "gpu_status": "measured" if args.device == "cuda" else "not measured (CPU run)",
         "results": results,
         "ratios": ratios(results),
