@@ -23,25 +23,29 @@ from fastmlr.kernels.interval_search import _apply_minimum_size, default_interva
 __all__ = ["IntervalMargins", "explain_ranking"]
 
 
-def explain_ranking(scores: np.ndarray, chosen: np.ndarray, reference: np.ndarray, tolerance: float) -> str | None:
+def explain_ranking(
+    scores: np.ndarray, chosen: np.ndarray, reference: np.ndarray, tolerance: float | np.ndarray
+) -> str | None:
     """Why the ranked classes ``chosen`` (``[N]``, best first) can be the top-N of ``scores`` (``[C]``,
-    the reference's global scores) moved by at most ``tolerance`` each; ``None`` if they cannot.
+    the reference's global scores) moved by at most ``tolerance`` each (a number, or one per class);
+    ``None`` if they cannot.
 
     Feasible when scores ``v`` with ``|v − scores| <= tolerance`` exist that keep ``chosen`` in order
     and every other class at or below the last chosen one (an equal score is a tie, which the
     perturbation can break either way). A greedy pass decides it: each chosen class takes the
     highest value its bound and its predecessor allow."""
     chosen = np.asarray(chosen, dtype=np.int64)
+    tolerance = np.broadcast_to(np.asarray(tolerance, dtype=np.float64), scores.shape)
     if len(set(chosen.tolist())) != len(chosen) or chosen.min() < 0 or chosen.max() >= len(scores):
         return None
     ceiling = np.inf
     for c in chosen:
-        value = min(ceiling, scores[c] + tolerance)
-        if value < scores[c] - tolerance:
+        value = min(ceiling, scores[c] + tolerance[c])
+        if value < scores[c] - tolerance[c]:
             return None
         ceiling = value
     others = np.setdiff1d(np.arange(len(scores)), chosen)
-    if len(others) and (scores[others] - tolerance).max() > ceiling:
+    if len(others) and (scores[others] - tolerance[others]).max() > ceiling:
         return None
     differing = [n for n in range(len(chosen)) if chosen[n] != reference[n]]
     n = differing[0] if differing else 0

@@ -18,9 +18,10 @@ artifact's own boxes. The result is a :class:`ValidationReport`; a failure raise
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +163,7 @@ class Comparison:
             return f"output {self.output!r} on {self.input_label}: {self.note}"
         bound = "must be identical" if self.exact else f"tolerance {self.tolerance:g}"
         if self.scaled:
-            bound += " times max(1, the magnitude of its summands)"
+            bound += " times max(1, its rounding scale)"
         return (
             f"output {self.output!r} at index {self.index} on {self.where}: {artifact} {self.actual:.7g} "
             f"vs PyTorch {self.expected:.7g} (|diff| {self.difference:.3g}, {bound})"
@@ -435,23 +436,43 @@ def _check_shapes(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]
                                     stage="interface")
 
 
-def _reference(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, object]:
-    """The images on the model's device and the model's outputs on them (stages for MCAR), kernels on torch."""
+@contextlib.contextmanager
+def classifier_conditioning(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Record ``(z, M)`` for every call of MCAR's 1×1 classifier (eq. 1 and 4): the logits and the
+    magnitude of their summands ``M = Σ_k |W[c, k]·x[k]| + |b[c]|``, which a logit's floating-point
+    rounding error is relative to. With random weights the features can be large and the logits small
+    by cancellation: a logit near 1 may carry an fp32 error of 1e-2 while its summands are near 1e3.
+    MCAR calls the classifier on the pooled image features, on the feature map (the class maps), then
+    on the pooled region features."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        bias = None if module.bias is None else module.bias.abs()
+        calls.append((output.detach(), torch.nn.functional.conv2d(inputs[0].detach().abs(), module.weight.abs(), bias)))
+
+    handle = model.convclass.register_forward_hook(record)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def probability_scale(z: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``σ'(z)·M``: how far rounding at the scale of ``M`` moves the probability ``σ(z)``."""
+    p = torch.sigmoid(z.float())
+    return p * (1 - p) * magnitude
+
+
+def _reference(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, object, list]:
+    """The images on the model's device, the model's outputs on them (stages for MCAR, kernels on
+    torch) and, for MCAR, its classifier calls (:func:`classifier_conditioning`)."""
     param = next(model.parameters(), None)
     images = images.to(param.device if param is not None else "cpu")
     with torch.no_grad(), use_backend("torch"):
-        return images, (model.forward_stages(images) if has_stages(model) else model(images))
-
-
-def logit_magnitude(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``Σ_k |W[c, k]·F[k]| + |b[c]|`` at every position of MCAR's class maps ``[B, C, h, w]``: the
-    magnitude of the summands of each logit (eq. 4), which its floating-point rounding error is
-    relative to. With random weights the features can be large and the logits small by cancellation,
-    so a logit of 1 may carry an error of 1e-2 in fp32 while its summands are near 1e3."""
-    with torch.no_grad(), use_backend("torch"):
-        features = model.features(images)
-        weight, bias = model.convclass.weight, model.convclass.bias
-        return torch.nn.functional.conv2d(features.abs(), weight.abs(), None if bias is None else bias.abs())
+        if not has_stages(model):
+            return images, model(images), []
+        with classifier_conditioning(model) as calls:
+            return images, model.forward_stages(images), calls
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -463,9 +484,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _check_decisions(report: ValidationReport, model: nn.Module, label: str, size: tuple[int, int], stages,
-                     actual: dict[str, np.ndarray], tolerance: float, map_drift: np.ndarray) -> bool:
+                     actual: dict[str, np.ndarray], tolerance: float, score_scale: np.ndarray,
+                     map_drift: np.ndarray) -> bool:
     """Stage b: the artifact's classes and boxes are PyTorch's, or flips within their margins: the
-    ranking within ``tolerance``, each box within ``max(tolerance, map_drift[b, c])``, the largest
+    ranking within the global scores' tolerance (``tolerance · max(1, score_scale)``, stage a), each
+    box within ``max(tolerance, map_drift[b, c])``, the largest
     difference of the artifact's class map after the sigmoid (bounded by stage a; upsampling is a
     convex combination, so no profile value moves further). Returns whether the boxes are usable for
     stage c (valid classes, boxes inside the image)."""
@@ -478,7 +501,7 @@ def _check_decisions(report: ValidationReport, model: nn.Module, label: str, siz
     batch, regions = indices.shape
     report.decisions_compared += 3 * batch * regions  # a ranking position and two intervals per region
     for b in np.flatnonzero((indices != ref_indices).any(1)):
-        reason = explain_ranking(scores[b], indices[b], ref_indices[b], tolerance)
+        reason = explain_ranking(scores[b], indices[b], ref_indices[b], tolerance * np.maximum(1, score_scale[b]))
         ref, art = tuple(ref_indices[b].tolist()), tuple(indices[b].tolist())
         if reason is None:
             refusals.append(f"{_image_name(label, b)}: the artifact ranks classes {list(art)}, PyTorch "
@@ -519,25 +542,33 @@ def _check_decisions(report: ValidationReport, model: nn.Module, label: str, siz
 
 
 def _check_stages(report: ValidationReport, model: nn.Module, label: str, images: torch.Tensor, stages,
-                  actual: dict[str, np.ndarray], tolerance: float) -> None:
-    """Stages a-d of MCAR's contract on one input batch, and its end-to-end agreement."""
+                  calls: list, actual: dict[str, np.ndarray], tolerance: float) -> None:
+    """Stages a-d of MCAR's contract on one input batch, and its end-to-end agreement. ``calls`` are the
+    reference's classifier calls (:func:`classifier_conditioning`): pooled image features, feature map,
+    pooled regions."""
+    batch = images.shape[0]
+    (global_z, global_m), (_, cam_m), (local_z, local_m) = calls[:3]
+    score_scale = _numpy(probability_scale(global_z, global_m).flatten(1))
     report.stages[GLOBAL].add(compare_arrays("global_scores", _numpy(stages.global_scores), actual["global_scores"],
-                                             tolerance, label))
+                                             tolerance, label, scale=score_scale))
     report.stages[GLOBAL].add(compare_arrays("cam_logits", _numpy(stages.cam_logits), actual["cam_logits"], tolerance,
-                                             label, scale=_numpy(logit_magnitude(model, images))))
+                                             label, scale=_numpy(cam_m)))
     maps = torch.sigmoid(stages.cam_logits.float()).cpu()
     drift = (torch.sigmoid(torch.from_numpy(actual["cam_logits"]).float()) - maps).abs().amax((-2, -1)).numpy()
     size = (int(images.shape[-2]), int(images.shape[-1]))
-    if _check_decisions(report, model, label, size, stages, actual, tolerance, drift):
+    if _check_decisions(report, model, label, size, stages, actual, tolerance, score_scale, drift):
         boxes = actual["boxes"].astype(np.int64)
         if (boxes == stages.boxes.cpu().numpy()).all():
             expected_local = stages.local_scores  # the same crops: PyTorch's own local stream
         else:
-            with torch.no_grad(), use_backend("torch"):
+            with torch.no_grad(), use_backend("torch"), classifier_conditioning(model) as local_calls:
                 regions = kernels.crop_resize(images, torch.from_numpy(boxes).to(images.device), size)
-                expected_local = model.local_stream(regions.flatten(0, 1), images.shape[0])
+                expected_local = model.local_stream(regions.flatten(0, 1), batch)
+            (local_z, local_m), = local_calls
+        # The local score is a max over regions: its rounding scale is the largest of theirs.
+        local_scale = probability_scale(local_z, local_m).reshape(batch, -1, local_z.shape[1]).amax(1)
         report.stages[LOCAL].add(compare_arrays("local_scores", _numpy(expected_local), actual["local_scores"],
-                                                tolerance, label))
+                                                tolerance, label, scale=_numpy(local_scale)))
     else:
         report.stages[LOCAL].refusals.append(f"on {label}: not checked, the artifact's classes or boxes are invalid")
     combined = np.maximum(actual["global_scores"], actual["local_scores"])
@@ -568,16 +599,17 @@ def validate(
 
     Models without stages: ``probs`` within ``tolerance``. MCAR, stage by stage:
 
-    a. global stream: ``global_scores`` within ``tolerance``, ``cam_logits`` within ``tolerance``
-       times ``max(1, Σ|summands|)`` (:func:`logit_magnitude`: a sum's rounding error is relative to
-       its summands, not to its value);
+    a. global stream: ``cam_logits`` within ``tolerance · max(1, M)``, ``global_scores`` within
+       ``tolerance · max(1, σ'(z)·M)``, where ``M`` is the magnitude of each logit's summands
+       (:func:`classifier_conditioning`: a sum's rounding error is relative to its summands, not to
+       its value; for well-conditioned weights the bound is ``tolerance`` itself);
     b. decisions: ``indices`` and ``boxes`` equal PyTorch's, except where PyTorch's decision is
        ambiguous within ``tolerance`` (:mod:`.decision_margins`: tied scores at a rank that changes the
        top-N, profile values near τ, near-equal peaks, flat profiles; for a box, within the larger of
        ``tolerance`` and the largest difference of that class map after the sigmoid, which stage a
        bounds); each such flip is reported with its reason, any other difference refuses the artifact;
-    c. local stream: ``local_scores`` within ``tolerance`` of PyTorch's local stream on the crops of the
-       artifact's own boxes;
+    c. local stream: ``local_scores`` within ``tolerance · max(1, σ'(z)·M)`` of PyTorch's local stream
+       on the crops of the artifact's own boxes;
     d. final scores: ``probs`` within ``tolerance`` of the per-class max of the artifact's global and
        local scores.
 
@@ -592,7 +624,7 @@ def validate(
                               notes=tuple(notes))
     model.eval()
     for label, batch in inputs:
-        images, reference = _reference(model, batch)
+        images, reference, calls = _reference(model, batch)
         try:
             raw = run(batch)
         except Exception as err:  # noqa: BLE001 - any runtime failure is a validation failure
@@ -604,7 +636,7 @@ def validate(
         report.inputs += 1
         report.end_to_end.images += len(batch)
         if has_stages(model):
-            _check_stages(report, model, label, images, reference, actual, tolerance)
+            _check_stages(report, model, label, images, reference, calls, actual, tolerance)
         else:
             report.stages[PROBABILITIES].add(compare_arrays("probs", expected["probs"], actual["probs"], tolerance,
                                                             label))
