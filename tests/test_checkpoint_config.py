@@ -29,10 +29,10 @@ def test_loading_applies_the_saved_configuration(saved_mcar) -> None:
     loaded = fastmlr.create_model("mcar", checkpoint=path)
     assert (loaded.pooling, loaded.topn, loaded.threshold) == ("max", 2, 0.3)
     assert (loaded.backbone_name, loaded.num_classes, loaded.image_size) == ("mobilenet_v2", 10, 64)
-    images = torch.rand(2, 3, 64, 64)
+    images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(loaded(images), model(images))
-        assert torch.equal(loaded.forward_stages(images).boxes, model.forward_stages(images).boxes)
+        theirs, ours = model.forward_stages(images), loaded.forward_stages(images)
+    assert torch.equal(ours.probs, theirs.probs) and torch.equal(ours.boxes, theirs.boxes)
 
 
 def test_agreeing_arguments_are_accepted(saved_mcar) -> None:
