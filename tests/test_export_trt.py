@@ -187,3 +187,142 @@ def test_torch_tensorrt_keeps_triton_kernels_as_plugins() -> None:  # pragma: no
     assert torch.equal(boxes, expected.boxes)
     torch.testing.assert_close(probs, expected.probs, atol=1e-4, rtol=0)
 
+
+
+class FakeTensorRT:
+    """A stand-in ``tensorrt`` module of a given version that records what the builder is asked for.
+    Its ``BuilderFlag`` has none of the weak-typing flags TensorRT 11 removed, so code that still sets
+    ``BuilderFlag.FP16/BF16/INT8/FP8`` fails with ``AttributeError`` as it would on TensorRT 11."""
+
+    class BuilderFlag:  # the flags TensorRT 11 keeps (no FP16, BF16, INT8, FP8)
+        REFIT = 1
+        SPARSE_WEIGHTS = 2
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity: int) -> None:
+            pass
+
+    def __init__(self, version: str) -> None:
+        self.__version__ = version
+        self.created_with: list[int] = []
+        self.flags_set: list[object] = []
+        if version.startswith("10."):
+            self.NetworkDefinitionCreationFlag = type("NetworkDefinitionCreationFlag", (), {"STRONGLY_TYPED": 5})
+        fake = self
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size) -> None:  # noqa: ANN001
+                pass
+
+            def set_flag(self, flag) -> None:  # noqa: ANN001
+                fake.flags_set.append(flag)
+
+            def add_optimization_profile(self, profile) -> None:  # noqa: ANN001
+                pass
+
+        class Profile:
+            def set_shape(self, name, smallest, optimal, largest) -> None:  # noqa: ANN001
+                pass
+
+        class Builder:
+            def __init__(self, logger) -> None:  # noqa: ANN001
+                pass
+
+            def create_network(self, flags: int) -> object:
+                fake.created_with.append(flags)
+                return object()
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network, config) -> bytes:  # noqa: ANN001
+                return b"plan"
+
+        class OnnxParser:
+            def __init__(self, network, logger) -> None:  # noqa: ANN001
+                pass
+
+            def parse_from_file(self, path: str) -> bool:
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """Install a :class:`FakeTensorRT` of the version asked for (and a stand-in CUDA device)."""
+    from fastmlr.export import tensorrt as trt_module
+
+    def install(version: str) -> FakeTensorRT:
+        fake = FakeTensorRT(version)
+        monkeypatch.setattr(trt_module, "import_tensorrt", lambda: fake)
+        monkeypatch.setattr(trt_module, "require_cuda", lambda: torch.device("cpu"))
+        return fake
+
+    return install
+
+
+@pytest.mark.parametrize(("version", "flags"), [("11.4.0.1", 0), ("10.13.2.6", 1 << 5), ("10.12.0.36", 1 << 5)])
+def test_engines_are_strongly_typed_without_precision_flags(baseline_onnx, fake_tensorrt, tmp_path, version,
+                                                           flags) -> None:
+    from fastmlr.export.precision import set_graph_precision
+
+    _, static, _ = baseline_onnx
+    for precision in ("fp32", "fp16", "bf16"):
+        graph = onnx.load(static)
+        set_graph_precision(graph, precision)
+        path = tmp_path / f"{precision}.onnx"
+        onnx.save(graph, path)
+        fake = fake_tensorrt(version)
+        plan = build_engine(path, tmp_path / f"{precision}.plan")
+        assert plan.read_bytes() == b"plan"
+        assert fake.created_with == [flags] and fake.flags_set == []
+
+
+def test_tensorrt_older_than_10_12_is_refused_naming_the_minimum(baseline_onnx, fake_tensorrt, tmp_path) -> None:
+    _, static, _ = baseline_onnx
+    fake_tensorrt("10.8.0.43")
+    with pytest.raises(RuntimeError, match=r"TensorRT 10\.8\.0\.43 is too old.*needs TensorRT >= 10\.12"):
+        build_engine(static, tmp_path / "m.plan")
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_uint8_int8_graph_is_refused_for_tensorrt(fake_tensorrt, tmp_path) -> None:
+    zero = helper.make_tensor("zp", TensorProto.UINT8, [], [128])
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="quant_x"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], name="dequant_x")]
+    graph = tiny_graph(nodes)
+    graph.graph.initializer.extend([zero, scale])
+    path = tmp_path / "int8.onnx"
+    onnx.save(graph, path)
+    fake_tensorrt("11.4.0.1")
+    with pytest.raises(ValueError, match="uint8.*symmetric_activations=True"):
+        build_engine(path, tmp_path / "m.plan", min_batch=1, opt_batch=1, max_batch=1)
+
+
+def test_no_weak_typing_api_in_the_engine_code() -> None:
+    """TensorRT 11 removed the weak-typing API: no code path may reference it."""
+    import ast
+    import inspect
+
+    from fastmlr.export import tensorrt as trt_module
+    from fastmlr.export import torch_trt
+
+    for module in (trt_module, torch_trt):
+        tree = ast.parse(inspect.getsource(module))
+        flags = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Attribute) and node.value.attr == "BuilderFlag"}
+        assert not flags & {"FP16", "BF16", "INT8", "FP8"}, module.__name__
+        names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        names |= {k.arg for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords}
+        assert not names & {"IInt8Calibrator", "IInt8EntropyCalibrator2", "int8_calibrator",
+                            "enabled_precisions"}, module.__name__
