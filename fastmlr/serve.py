@@ -420,6 +420,9 @@ class TritonServer:
         return [str(dist.server), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                 *address, f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}", f"--exit-timeout-secs={self.exit_timeout_s}",
+                # The Python backend names its /dev/shm regions by this prefix: one of its own per server, so
+                # that servers on one machine never share a region.
+                f"--backend-config=python,shm-region-prefix-name=fastmlr{os.getpid()}-{os.urandom(4).hex()}-",
                 "--allow-gpu-metrics=false", "--log-info=false"]
 
     def start(self) -> TritonServer:
