@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -168,6 +169,23 @@ def test_exported_repository_is_read_by_the_real_tritonserver(tmp_path: pathlib.
            "backend 'tensorrt'" in text, text
     assert "Poll failed for model directory 'broken': failed to read text proto" in text, text
     assert text.count("failed to load '") == 2 and "Poll failed for model directory 'baseline" not in text, text
+
+
+def test_the_stub_embeds_this_interpreters_own_libpython(tmp_path: pathlib.Path) -> None:
+    """Triton's Python-backend stub must load the libpython of the build whose standard library it
+    imports; left to the loader it takes the system's (Debian's 3.11.2 under pyenv's 3.11.7)."""
+    reason = cannot_serve_reason()
+    if reason:
+        pytest.skip(reason)
+    if shutil.which("ldd") is None:
+        pytest.skip("ldd is not installed")
+    dist = serve.triton_distribution()
+    env = serve.server_environment(dist, tmp_path)
+    listing = subprocess.run(["ldd", str(dist.stub)], env=env, capture_output=True, text=True, check=True).stdout
+    library = serve.libpython()
+    resolved = next(line.split("=>")[1].split("(")[0].strip() for line in listing.splitlines()
+                    if line.strip().startswith(library.name))
+    assert os.path.realpath(resolved) == os.path.realpath(library), listing
 
 
 @pytest.fixture(scope="module")
