@@ -293,6 +293,7 @@ def fake_measurement(model: str, component: str, ms: float, backend: str = "eage
         "backbone": "resnet101",
         "size": size,
         "backend": backend,
+        "precision": "fp32",
         "median_ms": ms,
         "ms_per_image": ms,
     }
