@@ -24,7 +24,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -46,16 +45,6 @@ from fastmlr.testing import calibrate_batchnorm
 
 TOLERANCE = 1e-5
 POOL = 32  # distinct images the clients cycle through (and the soak checks against)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float | None]:
@@ -206,8 +195,9 @@ def run(args: argparse.Namespace) -> dict:
     calibrate_batchnorm(model, torch.randn(8, 3, args.size, args.size))  # outputs depend on the image
     pool = np.random.default_rng(0).standard_normal((POOL, 3, args.size, args.size)).astype(np.float32)
     rows = []
+    ports = tuple(serve.free_loopback_ports(3))
     with tempfile.NamedTemporaryFile("w", suffix=".log", prefix="tritonserver-") as log, serve.serving(
-        model, name=args.model, backend=args.backend, max_batch=args.max_batch, ports=tuple(free_ports(3)), log=log,
+        model, name=args.model, backend=args.backend, max_batch=args.max_batch, ports=ports, log=log,
     ) as server:
         served = serve.read_served(server.repository / args.model)
         runner = serve.open_runner(served)

@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -114,16 +113,6 @@ def test_eager_runner_matches_the_model(tmp_path: pathlib.Path) -> None:
 # The real server
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def cannot_serve_reason() -> str | None:
     """Why no Triton server can start in this environment, or None."""
     try:
@@ -158,7 +147,7 @@ def test_exported_repository_is_read_by_the_real_tritonserver(tmp_path: pathlib.
         (onnx_dir / "config.pbtxt").read_text().replace('"baseline"', '"broken"').replace("dims: [ 80 ]", "dims: [ 80"))
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
-        http, grpc, metrics = free_ports(3)
+        http, grpc, metrics = serve.free_loopback_ports(3)
         server = serve.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log=log).start()
         assert server.process.wait(timeout=120) != 0  # no model can load, so the server refuses to start
         server.stop()
@@ -199,7 +188,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE)
     calibrate_batchnorm(model, torch.randn(8, 3, SIZE, SIZE))  # outputs depend on the image
     save_checkpoint(model, tmp / "baseline.pt")
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = serve.free_loopback_ports(3)
     log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(
         [sys.executable, "-m", "fastmlr.cli", "serve", "--model", "baseline", "--checkpoint", str(tmp / "baseline.pt"),
