@@ -3,9 +3,9 @@ each case in a fresh process, beside :func:`fastmlr.models.mcar.forward_bytes`.
 
     python bench/mcar_memory.py --out bench/results/mcar_memory.json        # the .md goes beside it
 
-Measure: VmHWM after resetting it through ``/proc/self/clear_refs`` (5), minus VmRSS before the call
-(Linux only). The model and input exist before the reset; a 64 px forward has run, so one-time
-allocations are not counted. ``backbone`` cases time the backbone alone (the per-pixel activation
+Measure: :func:`bench.memory.peak_bytes` on the CPU (peak resident set during the call minus the
+resident set before it; Linux). The model and input exist before; a 64 px forward has run, so
+one-time allocations are not counted. ``backbone`` cases time the backbone alone (the per-pixel activation
 coefficient of the model); ``mcar`` cases the whole forward.
 """
 
@@ -24,6 +24,7 @@ import torch
 
 import fastmlr
 from bench.environment import capture_environment, describe_machine
+from bench.memory import MEASURES, peak_bytes
 from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
 from fastmlr.models.mcar import forward_bytes
 
@@ -41,16 +42,8 @@ CASES = (
 )
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def measure(what: str, backbone: str, batch: int, size: int, grad: bool) -> int:
-    """Peak bytes one forward adds to the resident memory (this process)."""
+    """Peak bytes one forward adds to the resident memory (this process; :func:`bench.memory.peak_bytes`)."""
     torch.manual_seed(0)
     model = fastmlr.create_model("mcar" if what == "mcar" else "baseline", backbone=backbone, image_size=size)
     net = model if what == "mcar" else model.features
@@ -58,14 +51,12 @@ def measure(what: str, backbone: str, batch: int, size: int, grad: bool) -> int:
     images = torch.rand(batch, 3, size, size, requires_grad=grad)
     with torch.no_grad():
         net(torch.rand(1, 3, 64, 64))
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    before = _status("VmRSS")
-    with torch.set_grad_enabled(grad):
-        out = net(images)
-    peak = _status("VmHWM") - before
-    del out
-    return peak
+
+    def forward() -> None:
+        with torch.set_grad_enabled(grad):
+            net(images)
+
+    return peak_bytes(forward, "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     markdown = (
         f"# MCAR memory model vs measured peaks (CPU, float32, N = {TOPN})\n\n"
-        f"Machine: {describe_machine(env)}; torch {torch.__version__}. Peak resident memory of one forward "
-        "(VmHWM reset through /proc/self/clear_refs, minus VmRSS before), each case in a fresh process; "
+        f"Machine: {describe_machine(env)}; torch {torch.__version__}. Measure: {MEASURES['cpu']}, one "
+        "forward, each case in a fresh process; "
         "the machine is shared, which does not change memory figures. Model: "
         "`fastmlr.models.mcar.forward_bytes`.\n\n" + table + "\n"
     )
