@@ -5,6 +5,7 @@ Examples::
 
     fastmlr export --model mcar --backbone resnet101 --size 448 --out mcar.onnx
     fastmlr export --model mcar --size 448 --batch 8 --dynamic-batch --format trt --precision fp16 --out mcar.plan
+    fastmlr export --model baseline --size 448 --precision int8 --calibration calib_images/ --out baseline.int8.onnx
     fastmlr export --model mcar --size 448 --batch 8 --format triton-server --out model_repository
 
 Every artifact is compared with the PyTorch model before it is written (see :mod:`fastmlr.export`).
@@ -22,7 +23,7 @@ from fastmlr.cli import add_model_options, model_arguments
 from fastmlr.registry import create_model, list_models
 
 from .onnx_export import check_image_size
-from .validation import TOLERANCES
+from .precision import CALIBRATION_METHODS, PRECISIONS, check_calibration_method, check_precision
 
 FORMATS = ("onnx", "trt", "triton-server")
 
@@ -43,7 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint to load (fastmlr or the released MCAR format)")
     parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)} (onnx)")
     parser.add_argument("--precision", default="fp32",
-                        help=f"TensorRT engine precision: {', '.join(TOLERANCES)} (fp32; trt and triton plans)")
+                        help=f"precision of the graph and engine: {', '.join(PRECISIONS)} (fp32); int8 is "
+                             "calibrated Q/DQ, fp16/bf16 are for GPUs")
+    parser.add_argument("--calibration", default=None,
+                        help="int8: directory of calibration images, a few hundred of your data (default: the "
+                             "packaged COCO photos, with a warning)")
+    parser.add_argument("--calibration-method", default="minmax",
+                        help=f"int8 activation ranges: {', '.join(CALIBRATION_METHODS)} (minmax)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="int8: one weight scale per tensor instead of per output channel")
     parser.add_argument("--triton-platform", default="onnx",
                         help="triton-server: serve the ONNX file ('onnx', onnxruntime backend) or a TensorRT "
                              "engine ('plan')")
@@ -62,10 +71,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown model {args.model!r}; choose one of {list_models()}")
     if args.format not in FORMATS:
         raise ValueError(f"unknown format {args.format!r}; choose one of {list(FORMATS)}")
-    if args.precision not in TOLERANCES:
-        raise ValueError(f"unknown precision {args.precision!r}; choose one of {list(TOLERANCES)}")
-    if args.format == "onnx" and args.precision != "fp32":
-        raise ValueError("--precision applies to TensorRT engines (--format trt); ONNX is exported in fp32")
+    check_precision(args.precision)
+    check_calibration_method(args.calibration_method)
+    if args.precision != "int8" and (args.calibration is not None or args.per_tensor):
+        raise ValueError("--calibration and --per-tensor apply to --precision int8")
+    if args.calibration is not None and not Path(args.calibration).exists():
+        raise FileNotFoundError(f"--calibration {args.calibration} does not exist")
     if args.size is not None:
         check_image_size(args.size)
     if args.images is not None and not Path(args.images).exists():
@@ -93,15 +104,18 @@ def run(args: argparse.Namespace) -> int:
 
         reports = []
         out = to_onnx(model, args.out, image_size=size, batch=args.batch, dynamic_batch=args.dynamic_batch,
-                      opset=args.opset, images=args.images, on_validated=reports.append)
-        print(f"wrote {out} (ONNX opset {args.opset}, validated against PyTorch in ONNX Runtime)")
+                      opset=args.opset, images=args.images, on_validated=reports.append, precision=args.precision,
+                      calibration=args.calibration, calibration_method=args.calibration_method,
+                      per_channel=not args.per_tensor)
+        print(f"wrote {out} (ONNX opset {args.opset}, {args.precision}, validated against PyTorch in ONNX Runtime)")
         print("\n".join(report.summary() for report in reports))
     elif args.format == "trt":
         from .tensorrt import export_engine
 
         min_batch = 1 if args.dynamic_batch else args.batch
         out = export_engine(model, args.out, image_size=size, precision=args.precision, min_batch=min_batch,
-                            opt_batch=args.batch, max_batch=args.batch, opset=args.opset, images=args.images)
+                            opt_batch=args.batch, max_batch=args.batch, opset=args.opset, images=args.images,
+                            calibration=args.calibration)
         print(f"wrote {out} (TensorRT {args.precision} engine, batches {min_batch}..{args.batch}, "
               "validated against PyTorch)")
     else:

@@ -39,8 +39,15 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from fastmlr.checks import check_image_size, check_output_file
-from fastmlr.runtime import ort_session
 
+from .precision import (
+    check_calibration_method,
+    check_precision,
+    convert_precision,
+    held_out_images,
+    load_calibration,
+    precision_session,
+)
 from .tensorrt_ops import tensorrt_op_support
 from .validation import (
     IMAGENET_MEAN,
@@ -329,7 +336,7 @@ def validate_onnx(
     :class:`~fastmlr.export.validation.ArtifactMismatchError` (a ``ValueError``) when the graph is not
     an export of ``model`` at ``image_size`` (metadata, inputs, outputs, input size, class count), and
     :class:`~fastmlr.export.validation.ExportValidationError` naming the failing stage otherwise."""
-    session = ort_session(path, threads=torch.get_num_threads())
+    session = precision_session(path, threads=torch.get_num_threads(), validation=True)
     check_graph_interface(session, model, image_size)
     inputs = validation_inputs(find_images(images), image_size, batches, num_random=num_random)
     return validate_runner(onnx_runtime_runner(session), model, inputs, tolerance=tolerance,
@@ -348,6 +355,11 @@ def to_onnx(
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     num_random: int = 2,
     on_validated: Callable[[ValidationReport], None] | None = None,
+    precision: str = "fp32",
+    calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    calibration_method: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool = False,
 ) -> Path:
     """Export ``model`` to a single ONNX file at ``path`` and return the path.
 
@@ -366,12 +378,25 @@ def to_onnx(
     receives the report; a failure raises ``ExportValidationError`` (a ``RuntimeError``) naming the
     stage, the worst difference, the output, the element index and the input, and nothing is written.
 
+    ``precision`` ``"fp16"``, ``"bf16"`` or ``"int8"`` converts the validated float32 graph
+    (:mod:`fastmlr.export.precision`: backbone and heads in the low precision, inputs, outputs and
+    MCAR's decision path in float32) and validates the result again, at the precision's tolerance
+    (:data:`~fastmlr.export.validation.TOLERANCES`). ``int8`` calibrates its ranges on
+    ``calibration`` (a directory or image files; default: the packaged COCO photos, with a warning)
+    with ``calibration_method`` (``minmax``, ``entropy``, ``percentile``), weights per output channel
+    with ``per_channel``; its validation images leave out those used for calibration.
+    ``symmetric_activations=True`` writes the signed zero-point-0 form TensorRT needs.
+
     Bad input raises ``ValueError`` (image size not a multiple of 32, opset outside
-    ``MIN_OPSET..MAX_TORCHSCRIPT_OPSET`` or below what the graph needs, unwritable directory) or
+    ``MIN_OPSET..MAX_TORCHSCRIPT_OPSET`` or below what the graph needs, unwritable directory, unknown
+    precision or calibration method, calibration images that are missing or unreadable) or
     ``FileNotFoundError`` (missing output directory or image directory).
     """
     check_export_args(model, image_size, batch, opset)
+    check_precision(precision)
+    check_calibration_method(calibration_method)
     out = check_output_path(path)
+    calibration_set = load_calibration(calibration, image_size) if precision == "int8" else None
     model.eval()
     with staging_directory(out) as staging:
         staged = Path(staging) / out.name
@@ -379,11 +404,24 @@ def to_onnx(
                              dynamic_batch=dynamic_batch, opset=opset)
         write_metadata(staged, model, image_size)
         onnx.checker.check_model(os.fspath(staged))
+        batches = (batch, batch + 1) if dynamic_batch else (batch,)
         if validate:
-            batches = (batch, batch + 1) if dynamic_batch else (batch,)
             report = validate_onnx(staged, model, image_size=image_size, batches=batches, images=images,
                                    num_random=num_random, notes=notes)
-            if on_validated is not None:
-                on_validated(report)
+        if precision != "fp32":
+            converted = Path(staging) / f"{precision}-{out.name}"
+            convert_precision(staged, converted, precision, image_size=image_size, calibration=calibration_set,
+                              calibration_method=calibration_method, per_channel=per_channel,
+                              symmetric_activations=symmetric_activations)
+            staged = converted
+            if validate:
+                # INT8 ranges fit the calibration images; uniform noise lies outside them and is clipped, so
+                # only held-out real images say how an INT8 graph drifts on the data it is made for.
+                held_out = held_out_images(images, calibration_set)
+                report = validate_onnx(staged, model, image_size=image_size, batches=batches, images=held_out,
+                                       num_random=0 if precision == "int8" and held_out else num_random,
+                                       tolerance=precision, notes=notes)
+        if validate and on_validated is not None:
+            on_validated(report)
         os.replace(staged, out)
     return out

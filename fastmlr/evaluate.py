@@ -36,10 +36,10 @@ from fastmlr.data import (
     collate_skip_unreadable,
 )
 from fastmlr.metrics import evaluate, format_table, paper_threshold
-from fastmlr.runtime import ort_cuda_available, ort_session
+from fastmlr.runtime import ort_cuda_available
 
 BACKENDS = ("eager", "onnxruntime", "trt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # fastmlr.export.precision.PRECISIONS, without importing onnx
 
 # A backend: float [B, 3, S, S] images (CPU) -> [B, C] probabilities (numpy float).
 Predictor = Callable[[torch.Tensor], np.ndarray]
@@ -79,7 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available"
     )
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32", help="the TensorRT engine's precision (trt only)"
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="precision of the exported graph (onnxruntime) or engine (trt); eager stays fp32, so "
+        "--compare eager gives the precision's ΔmAP",
+    )
+    parser.add_argument(
+        "--calibration", help="int8: directory of calibration images (default: the packaged COCO photos)"
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
@@ -143,17 +148,21 @@ def select_probs_output(output_names: list[str]) -> int:
 
 
 def onnxruntime_predictor(
-    model: nn.Module, image_size: int, batch_size: int, device: torch.device, workdir: pathlib.Path
+    model: nn.Module, image_size: int, batch_size: int, device: torch.device, workdir: pathlib.Path,
+    precision: str = "fp32", calibration: str | None = None,
 ) -> Predictor:
-    """Export ``model`` with :func:`fastmlr.export.to_onnx` (dynamic batch) into ``workdir`` and run
-    the graph with ONNX Runtime (CUDA execution provider on a CUDA ``device`` when available)."""
+    """Export ``model`` with :func:`fastmlr.export.to_onnx` (dynamic batch, at ``precision``; int8
+    calibrated on ``calibration``) into ``workdir`` and run the graph with ONNX Runtime (CUDA execution
+    provider on a CUDA ``device`` when available)."""
     from fastmlr import export
+    from fastmlr.export.precision import precision_session
 
     has_cuda_provider = ort_cuda_available()  # raises a RuntimeError naming the install when ORT is missing
-    path = workdir / f"{getattr(model, 'model_name', 'model')}.onnx"
+    path = workdir / f"{getattr(model, 'model_name', 'model')}-{precision}.onnx"
     cpu_model = copy.deepcopy(model).cpu().eval()  # the eager backend may hold ``model`` on the GPU
-    export.to_onnx(cpu_model, path, image_size=image_size, batch=batch_size, dynamic_batch=True)
-    session = ort_session(path, device="cuda" if device.type == "cuda" and has_cuda_provider else "cpu")
+    export.to_onnx(cpu_model, path, image_size=image_size, batch=batch_size, dynamic_batch=True,
+                   precision=precision, calibration=calibration)
+    session = precision_session(path, device="cuda" if device.type == "cuda" and has_cuda_provider else "cpu")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[select_probs_output([o.name for o in session.get_outputs()])].name
 
@@ -193,13 +202,14 @@ def build_predictor(
     device: torch.device,
     workdir: pathlib.Path,
     precision: str = "fp32",
+    calibration: str | None = None,
 ) -> Predictor:
     """The :data:`Predictor` of ``backend`` for ``model`` (exported files go to ``workdir``;
-    ``precision`` is the TensorRT engine's)."""
+    ``precision`` is the exported graph's or engine's, ``calibration`` its int8 calibration images)."""
     if backend == "eager":
         return eager_predictor(model, device)
     if backend == "onnxruntime":
-        return onnxruntime_predictor(model, image_size, batch_size, device, workdir)
+        return onnxruntime_predictor(model, image_size, batch_size, device, workdir, precision, calibration)
     if backend == "trt":
         return trt_predictor(model, image_size, batch_size, precision, workdir)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -268,8 +278,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.compare == args.backend:
         raise ValueError(f"--compare {args.compare} is the same backend as --backend")
-    if args.precision != "fp32" and "trt" not in (args.backend, args.compare):
-        raise ValueError(f"--precision {args.precision} applies to --backend trt only")
+    if args.precision != "fp32" and not {"trt", "onnxruntime"} & {args.backend, args.compare}:
+        raise ValueError(f"--precision {args.precision} applies to the exported backends (onnxruntime, trt)")
+    if args.calibration is not None and args.precision != "int8":
+        raise ValueError("--calibration applies to --precision int8")
     if args.threshold is not None:
         check_threshold(args.threshold, "--threshold")
     if args.out:
@@ -326,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fastmlr-evaluate-") as workdir:
         predictors = {
             name: build_predictor(
-                name, model, size, args.batch_size, device, pathlib.Path(workdir), args.precision
+                name, model, size, args.batch_size, device, pathlib.Path(workdir), args.precision, args.calibration
             )
             for name in backends
         }

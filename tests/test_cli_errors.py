@@ -109,7 +109,7 @@ CASES = [
     ("evaluate-threshold-text", [*EVALUATE, "--threshold", "x"], 2, INVALID_FLOAT),
     ("evaluate-threshold-range", [*EVALUATE, "--threshold", "1.5"], 1, r"--threshold must be in \(0, 1\)"),
     ("evaluate-compare-same", [*EVALUATE, "--compare", "eager"], 1, "same backend"),
-    ("evaluate-precision-eager", [*EVALUATE, "--precision", "fp16"], 1, "applies to --backend trt only"),
+    ("evaluate-precision-eager", [*EVALUATE, "--precision", "fp16"], 1, "applies to the exported backends"),
     ("evaluate-checkpoint-missing", [*EVALUATE, "--checkpoint", "{tmp}/none.pt"], 1, "checkpoint not found"),
     ("evaluate-checkpoint-other-model", [*EVALUATE, "--checkpoint", "{ckpt}"], 1, "saved from model 'mcar'"),
     ("evaluate-out-directory", [*EVALUATE, "--out", "{tmp}"], 1, "--out .* is a directory"),

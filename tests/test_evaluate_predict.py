@@ -146,7 +146,7 @@ def test_evaluate_threshold_follows_the_paper_code(tmp_path, capsys, model, extr
         (["--num-classes", "20"], "the model predicts 20 classes but the dataset has 80"),
         (["--backend", "trt"], "TensorRT"),
         (["--compare", "eager"], "same backend"),
-        (["--precision", "fp16"], "applies to --backend trt only"),
+        (["--precision", "fp16"], "applies to the exported backends"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
         (["--ann", "/nonexistent/instances.json"], "annotation file not found"),
     ],

@@ -225,3 +225,16 @@ def test_failed_export_leaves_the_existing_file_untouched(baseline, tmp_path, mo
     assert out.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["empty", "model.onnx"] or sorted(
         p.name for p in tmp_path.iterdir()) == ["empty", "model.onnx"]
+
+
+def test_cli_export_int8_options(tmp_path, capsys) -> None:
+    from fastmlr.cli import main
+
+    common = ["export", "--model", "baseline", "--backbone", "mobilenet_v2", "--num-classes", "10", "--size",
+              str(SIZE), "--out", str(tmp_path / "m.onnx")]
+    assert main([*common, "--precision", "int3"]) == 1
+    assert "unknown precision 'int3'" in capsys.readouterr().err
+    assert main([*common, "--calibration", str(tmp_path)]) == 1
+    assert "--calibration and --per-tensor apply to --precision int8" in capsys.readouterr().err
+    assert main([*common, "--precision", "int8", "--calibration", str(tmp_path / "nowhere")]) == 1
+    assert "--calibration" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
