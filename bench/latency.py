@@ -108,7 +108,7 @@ def plan(args: argparse.Namespace) -> list[Config]:
     if args.table == "ix":
         models, backbones, sizes = ["baseline", "mcar"], list(TABLE_IX_BACKBONES), list(TABLE_IX_SIZES)
     elif args.table == "srdl3":
-        models = list(dict.fromkeys(r.model for r in SRDL_TABLE_3_ROWS if r.model is not None))
+        models = list(dict.fromkeys(r.model for r in SRDL_TABLE_3_ROWS))
         backbones, sizes = [SRDL_TABLE_3_BACKBONE], [SRDL_TABLE_3_SIZE]
     else:
         models, backbones, sizes = ["mcar"], ["resnet101"], [448]
