@@ -92,8 +92,14 @@ def main(argv: list[str] | None = None) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     reports = []
-                    to_onnx(model, path, image_size=args.size, precision=precision, validate=args.validate,
-                            on_validated=reports.append)
+                    try:
+                        to_onnx(model, path, image_size=args.size, precision=precision, validate=args.validate,
+                                on_validated=reports.append)
+                    except (ValueError, RuntimeError) as err:  # a failed export or validation is a result
+                        exports.append({"model": name, "precision": precision, "validated": False,
+                                        "error": f"{type(err).__name__}: {err}"})
+                        print(f"{name} {precision}: FAILED {type(err).__name__}: {err}", flush=True)
+                        continue
                     session = precision_session(path, validation=precision == "bf16")
                 names = [o.name for o in session.get_outputs()]
                 outputs = [dict(zip(names, session.run(None, {INPUT_NAME: b.numpy()}), strict=True)) for b in held_out]
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 calls[f"{name}/{precision}"] = (lambda s: lambda: s.run(None, {INPUT_NAME: x}))(session)
         times = interleaved(calls, args.rounds, "perf_counter")
     results = []
+    agreements = [a for a in agreements if f"{a['model']}/{a['precision']}" in times]
     for key, samples in times.items():
         name, precision = key.split("/")
         stats = summarize(samples)
@@ -138,7 +145,7 @@ def markdown(report: dict) -> str:
     rows = []
     for r in report["results"]:
         a = agree[(r["model"], r["precision"])]
-        vs_fp32 = base[r["model"]] / r["median_ms"]
+        vs_fp32 = base[r["model"]] / r["median_ms"] if r["model"] in base else float("nan")
         vs_base = f"{r['median_ms'] / baseline_fp32:.2f}×" if baseline_fp32 else ""
         boxes = "" if a["identical_boxes"] is None else f"{100 * a['identical_boxes']:.0f}%"
         rows.append([r["model"], r["precision"], f"{r['median_ms']:.1f}", f"{vs_fp32:.2f}×", vs_base,
@@ -159,7 +166,11 @@ def markdown(report: dict) -> str:
         f"the {cfg['calibration']} photos, agreement with the float32 PyTorch model on the "
         f"{cfg['held_out_images']} held-out VOC photos. GPU (TensorRT fp16/int8, ONNX Runtime CUDA): not measured."
     )
-    return f"# Reduced precision in ONNX Runtime (CPU)\n\n{header}\n\n{table}\n\n{targets}\n"
+    checks = markdown_table(["model", "precision", "export"],
+                            [[e["model"], e["precision"], e.get("error") or ("validated" if e["validated"] else
+                                                                               "not validated (--validate)")]
+                             for e in report["exports"]])
+    return f"# Reduced precision in ONNX Runtime (CPU)\n\n{header}\n\n{table}\n\n{targets}\n\n{checks}\n"
 
 
 if __name__ == "__main__":

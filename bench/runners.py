@@ -82,11 +82,16 @@ def mcar_stage_calls(model: torch.nn.Module, images: torch.Tensor, wrap: Callabl
 
 
 def torch_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, compile: bool) -> Calls:
-    """The model and images moved to ``--device``, cast to ``--precision`` (channels_last when
-    asked); MCAR's components, or ``{"total": model(images)}``."""
-    dtype = PRECISIONS[settings.precision]
-    model = model.to(device=settings.device, dtype=dtype)
-    images = images.to(device=settings.device, dtype=dtype)
+    """The model and images moved to ``--device`` (channels_last when asked), the backbone computing in
+    ``--precision`` between float32 casts (:func:`fastmlr.export.torch_trt.with_low_precision_backbone`:
+    heads and MCAR's decision path stay float32, as in the exported graphs); MCAR's components, or
+    ``{"total": model(images)}``."""
+    if settings.precision != "fp32":
+        from fastmlr.export.torch_trt import with_low_precision_backbone
+
+        model = with_low_precision_backbone(model, settings.precision)
+    model = model.to(device=settings.device)
+    images = images.to(device=settings.device)
     if settings.channels_last:  # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)

@@ -27,6 +27,7 @@ from fastmlr.kernels import use_backend
 from torch import nn
 
 from fastmlr import kernels
+from fastmlr.checks import check_images
 
 from .onnx_export import ExportWrapper, check_image_size, transformer_fastpath_disabled
 from .precision import check_precision
@@ -151,6 +152,11 @@ def with_low_precision_backbone(model: nn.Module, precision: str) -> nn.Module:
         return model
     low = copy.deepcopy(model)
     low.features = LowPrecisionBackbone(low.features, DTYPES[precision])
+
+    def check_float32_input(images: torch.Tensor) -> None:  # the backbone casts; callers pass float32
+        check_images(images, low.image_size if low.fixed_size else None, torch.float32)
+
+    low.check_input = check_float32_input
     return low
 
 

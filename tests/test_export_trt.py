@@ -326,3 +326,19 @@ def test_no_weak_typing_api_in_the_engine_code() -> None:
         names |= {k.arg for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords}
         assert not names & {"IInt8Calibrator", "IInt8EntropyCalibrator2", "int8_calibrator",
                             "enabled_precisions"}, module.__name__
+
+
+def test_torch_tensorrt_low_precision_is_the_backbone_alone() -> None:
+    from fastmlr.export import compile_torch_tensorrt
+    from fastmlr.export.torch_trt import with_low_precision_backbone
+
+    model = fastmlr.create_model("mcar", backbone="mobilenet_v2", num_classes=6, image_size=64).eval()
+    low = with_low_precision_backbone(model, "bf16")
+    assert {p.dtype for p in low.features.parameters()} == {torch.bfloat16}
+    assert low.convclass.weight.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        stages = low.forward_stages(torch.rand(1, 3, 64, 64))  # float32 images in, float32 out
+    assert stages.probs.dtype == stages.cam_logits.dtype == torch.float32
+    assert with_low_precision_backbone(model, "fp32") is model
+    with pytest.raises(ValueError, match="INT8 engines are built from calibrated Q/DQ ONNX graphs"):
+        compile_torch_tensorrt(model, image_size=64, precision="int8")
