@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ INPUT_NAME = "images"
 #: The outputs served, in order, with their numpy types; MCAR adds ``boxes`` and ``indices``.
 OUTPUT_TYPES = {"probs": np.float32, "boxes": np.int64, "indices": np.int64}
 BACKENDS = ("eager", "onnxruntime", "trt", "torch-trt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: The file beside ``model.py`` that tells the Python backend what to load (a :class:`ServedModel`).
 SPEC_FILE = "fastmlr.json"
 SERVE_MISSING = 'Triton Inference Server is not installed: pip install -e ".[serve]" (the nvidia-pytriton wheel)'
@@ -98,8 +99,11 @@ def check_serve_options(backend: str, precision: str, max_batch: int) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    if precision != "fp32" and backend in ("eager", "onnxruntime"):
-        raise ValueError(f"--precision {precision} needs --backend trt or torch-trt; {backend} serves fp32")
+    if precision != "fp32" and backend == "eager":
+        raise ValueError(f"--precision {precision} needs --backend onnxruntime, trt or torch-trt; eager serves fp32")
+    if precision == "int8" and backend == "torch-trt":
+        raise ValueError("--precision int8 needs --backend onnxruntime or trt (calibrated Q/DQ ONNX graphs); "
+                         "torch-trt compiles fp32, fp16 or bf16")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
 
@@ -125,9 +129,11 @@ def prepare(
 ) -> ServedModel:
     """Write what :func:`open_runner` needs into ``workdir`` and describe it.
 
-    The weights go to a fastmlr checkpoint; ``onnxruntime`` exports a dynamic-batch graph with
-    :func:`fastmlr.export.to_onnx` and ``trt`` a validated engine for batches ``1..max_batch`` with
-    :func:`fastmlr.export.export_engine` (both validated against PyTorch before anything is served).
+    The weights go to a fastmlr checkpoint; ``onnxruntime`` exports a dynamic-batch graph at
+    ``precision`` with :func:`fastmlr.export.to_onnx` (int8 calibrated on the packaged COCO photos) and
+    opens it once, so a graph ONNX Runtime cannot run on this machine (bf16 on the CPU) fails here;
+    ``trt`` builds a validated engine for batches ``1..max_batch`` with :func:`fastmlr.export.export_engine`.
+    Both are validated against PyTorch before anything is served.
     """
     from fastmlr.checkpoint import save_checkpoint
 
@@ -140,8 +146,13 @@ def prepare(
     artifact: Path | None = None
     if backend == "onnxruntime":
         from fastmlr.export import to_onnx
+        from fastmlr.export.precision import precision_session
 
-        artifact = to_onnx(model, workdir / "model.onnx", image_size=size, batch=max_batch, dynamic_batch=True)
+        artifact = to_onnx(model, workdir / f"model.{precision}.onnx", image_size=size, batch=max_batch,
+                           dynamic_batch=True, precision=precision)
+        with warnings.catch_warnings():  # the runner warns about fp16 on the CPU when it opens the graph
+            warnings.simplefilter("ignore")
+            precision_session(artifact)
     elif backend == "trt":
         from fastmlr.export import export_engine
 
@@ -153,16 +164,17 @@ def prepare(
 
 
 def open_runner(served: ServedModel) -> Runner:
-    """The runner of ``served``: the PyTorch model (``eager``, CPU), an ONNX Runtime session from
-    :func:`fastmlr.runtime.ort_session` (CPU), :class:`fastmlr.export.TRTRunner` on the engine, or the
+    """The runner of ``served``: the PyTorch model (``eager``, CPU), an ONNX Runtime session on the graph
+    (:func:`fastmlr.export.precision.precision_session`, which opens it through
+    :func:`fastmlr.runtime.ort_session`; CPU), :class:`fastmlr.export.TRTRunner` on the engine, or the
     torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`."""
     import torch
 
     names = [name for name, _ in served.outputs]
     if served.backend == "onnxruntime":
-        from fastmlr.runtime import ort_session
+        from fastmlr.export.precision import precision_session
 
-        session = ort_session(served.artifact)
+        session = precision_session(served.artifact)
 
         def run_session(images: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
@@ -186,12 +198,10 @@ def open_runner(served: ServedModel) -> Runner:
 
         compiled = compile_torch_tensorrt(model, image_size=served.size, precision=served.precision,
                                           min_batch=1, opt_batch=served.max_batch, max_batch=served.max_batch)
-        dtype = getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[served.precision])
 
         def run_compiled(images: np.ndarray) -> dict[str, np.ndarray]:
-            outputs = compiled(torch.from_numpy(images).to(device="cuda", dtype=dtype))
-            return {name: value.float().cpu().numpy() if name == "probs" else value.cpu().numpy()
-                    for name, value in zip(names, outputs, strict=False)}
+            outputs = compiled(torch.from_numpy(images).to("cuda"))  # float32 in and out, low precision inside
+            return {name: value.cpu().numpy() for name, value in zip(names, outputs, strict=False)}
 
         return run_compiled
 
@@ -532,7 +542,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="input side S (default: the checkpoint's, else 448)")
     parser.add_argument("--checkpoint", help="weights (random weights, seed 0, without it)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="trt / torch-trt only")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="the graph's precision (onnxruntime, trt; torch-trt: not int8); eager serves fp32")
     parser.add_argument("--max-batch", type=int, default=8, help="Triton's max_batch_size (dynamic batching)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)

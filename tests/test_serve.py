@@ -89,8 +89,10 @@ def test_repository_declares_dynamic_batching_and_the_outputs(tmp_path: pathlib.
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="needs --backend trt"):
-        serve.check_serve_options("onnxruntime", "fp16", 8)
+    with pytest.raises(ValueError, match="eager serves fp32"):
+        serve.check_serve_options("eager", "fp16", 8)
+    with pytest.raises(ValueError, match="torch-trt compiles fp32, fp16 or bf16"):
+        serve.check_serve_options("torch-trt", "int8", 8)
     with pytest.raises(ValueError, match="max_batch"):
         serve.check_serve_options("eager", "fp32", 0)
     with pytest.raises(ValueError, match="unknown backend"):
