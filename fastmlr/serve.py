@@ -13,12 +13,12 @@ empty batch; :func:`check_request` repeats those checks and adds NaN/Inf.
 
 **The interpreter.** The Python-backend stub embeds ``libpython3.X.so.1.0`` and imports the standard
 library of the environment that started the server. Left to the dynamic loader it finds the system's
-libpython (Debian's 3.11.2), whose C core does not match another build's standard library (pyenv's
-3.11.7: ``'_thread.RLock' object has no attribute '_recursion_count'``), or no libpython at all
-(pyenv's 3.12). :func:`server_environment` links the running interpreter's own shared libpython into
-the server's workspace, first on ``LD_LIBRARY_PATH``, so stub and standard library always come from one
-build. An interpreter without a shared libpython (``Py_ENABLE_SHARED=0``) cannot host the stub, and
-:func:`libpython` says so.
+libpython (Debian's 3.11.2), whose C core does not match another build's standard library (under
+pyenv's 3.11.7, PyTriton's own model fails at start-up with ``'_thread.RLock' object has no attribute
+'_recursion_count'``), or no libpython at all (pyenv's 3.12). :func:`server_environment` links the
+running interpreter's own shared libpython into the server's workspace, first on ``LD_LIBRARY_PATH``,
+so stub and standard library always come from one build. An interpreter without a shared libpython
+(``Py_ENABLE_SHARED=0``) cannot host the stub, and :func:`libpython` says so.
 """
 
 from __future__ import annotations
