@@ -1,10 +1,13 @@
 """fastmlr.export — ONNX and TensorRT export with validation against the PyTorch reference.
 
 - :func:`to_onnx`: every registered model to one ONNX graph (MCAR with its global-to-local step),
-  validated in ONNX Runtime on real and random images before it is written;
+  validated in ONNX Runtime on real and random images before it is written; ``precision="fp16" |
+  "bf16" | "int8"`` converts it (:mod:`fastmlr.export.precision`: calibrated INT8 Q/DQ, fp16/bf16
+  casts, MCAR's decision path kept float32) and validates it again at the precision's tolerance;
 - :func:`check_tensorrt_ops`: is every op one TensorRT's ONNX parser supports (``tensorrt_onnx_ops.json``);
-- :func:`build_engine`, :func:`export_engine`, :class:`TRTRunner`, :func:`engine_cache_key`: TensorRT
-  engines (needs ``tensorrt`` and a GPU; imported lazily);
+- :func:`build_engine`, :func:`export_engine`, :class:`TRTRunner`, :func:`engine_cache_key`: strongly
+  typed TensorRT engines, their precision the graph's (needs ``tensorrt`` >= 10.12 and a GPU; imported
+  lazily);
 - :func:`compile_torch_tensorrt`: torch-tensorrt with fastmlr's Triton kernels kept as plugins;
 - :func:`write_triton_repository`: an NVIDIA Triton Inference Server model repository.
 """
