@@ -295,7 +295,8 @@ def test_label_embeddings_and_adjacency_are_used(tmp_path):
 
 
 def test_srdl_rejects_a_one_cell_feature_map_in_training():
-    model = create_model("srdl", backbone="mobilenet_v2", num_classes=C, image_size=32).train()
+    model = create_model("srdl", backbone="mobilenet_v2", num_classes=C, image_size=32,
+                         label_embeddings="random").train()
     with pytest.raises(ValueError, match="2x2"):
         model(images(2, size=32))
 
