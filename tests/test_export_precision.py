@@ -111,15 +111,15 @@ def test_int8_export_validates_on_held_out_images(baseline, tmp_path) -> None:
     reports = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = to_onnx(baseline, tmp_path / "int8.onnx", image_size=SIZE, precision="int8",
-                      on_validated=reports.append)
+        photos = find_images(None)
+        out = to_onnx(baseline, tmp_path / "int8.onnx", image_size=SIZE, precision="int8", num_random=0,
+                      images=[photos[0], photos[-1]], on_validated=reports.append)  # a COCO and a VOC photo
     graph = onnx.load(out)
     assert graph_precision(graph) == "int8"
     assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 10
     assert uint8_activations(graph)  # ONNX Runtime's CPU form
     assert reports[0].ok and reports[0].tolerance == 0.15
-    calibrated = {p.name for p in find_images(DEFAULT_CALIBRATION_DIR)}
-    assert not any(name in reports[0].summary() for name in calibrated)  # validated on held-out images only
+    assert reports[0].end_to_end.images == 1  # the COCO photo was a calibration image: left out
     session = precision_session(out)
     probs = session.run(None, {"images": np.zeros((1, 3, SIZE, SIZE), np.float32)})[0]
     assert probs.shape == (1, 10) and np.isfinite(probs).all()
@@ -157,7 +157,8 @@ def test_mcar_decision_path_stays_float32(mcar_fp32, calibration, tmp_path) -> N
 def test_mcar_fp16_export_validates_with_float32_decisions(mcar_fp32, tmp_path) -> None:
     model, fp32 = mcar_fp32
     reports = []
-    out = to_onnx(model, tmp_path / "fp16.onnx", image_size=SIZE, precision="fp16", on_validated=reports.append)
+    out = to_onnx(model, tmp_path / "fp16.onnx", image_size=SIZE, precision="fp16", on_validated=reports.append,
+                  images=find_images(None)[-1:], num_random=1)
     assert reports[0].ok and reports[0].tolerance == 1e-2
     graph = onnx.load(out)
     assert graph_precision(graph) == "fp16"
@@ -221,7 +222,7 @@ def test_failed_export_leaves_the_existing_file_untouched(baseline, tmp_path, mo
     monkeypatch.setitem(fastmlr.export.validation.TOLERANCES, "int8", 1e-9)
     with pytest.raises(ExportValidationError, match="probabilities"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        to_onnx(baseline, out, image_size=SIZE, precision="int8")
+        to_onnx(baseline, out, image_size=SIZE, precision="int8", images=find_images(None)[-1:], num_random=0)
     assert out.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["empty", "model.onnx"] or sorted(
         p.name for p in tmp_path.iterdir()) == ["empty", "model.onnx"]
