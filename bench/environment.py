@@ -113,6 +113,13 @@ def capture_environment() -> dict:
     }
 
 
+def run_conditions() -> dict:
+    """How busy the machine is at this moment: the UTC time and the 1-, 5- and 15-minute load
+    averages (runnable processes; above the CPU count, timed work shares the CPUs with others)."""
+    return {"utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
+
+
 def describe_allocator(env: dict) -> str:
     """The CPU allocator settings of ``env``: "glibc malloc, default settings" or the variables set.
 

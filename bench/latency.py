@@ -5,11 +5,14 @@
     python bench/latency.py --table srdl3 --device cuda --kernels triton --out r.json --out r.md
 
 Each configuration (model × backbone × size × backend) is built with random weights (timing does
-not depend on them; ``--checkpoint`` loads real ones), fed a fixed-seed random batch, called
-``--warmup`` times (the first call, timed apart as ``first_call_ms``, is where ``torch.compile``
-compiles and ONNX Runtime / TensorRT initialise), then ``--iters`` times, each call timed
-(:mod:`bench.timing`: CUDA events on the GPU, ``time.perf_counter`` otherwise). We report median,
-p90, min, mean and images per second.
+not depend on them; ``--checkpoint`` loads real ones) and fed a fixed-seed random batch. All are
+built first, then each is called ``--warmup`` times (the first call, timed apart as
+``first_call_ms``, is where ``torch.compile`` compiles and ONNX Runtime / TensorRT initialise),
+then timed side by side: ``--iters`` rounds, each calling every configuration once in turn, so that
+a slow spell of a shared machine hits all rows alike and their ratios stay fair
+(:mod:`bench.measure`; timers of :mod:`bench.timing`: CUDA events on the GPU, ``time.perf_counter``
+otherwise). We report median, p90, min, mean and images per second over the rounds, and the load
+average at the start and end of the timing (``run_conditions``).
 
 MCAR is timed per component, the columns of MCAR's Table IX: the global stream, the global-to-local
 step (top-N classes, localization, crop-resize), the local stream on the N regions and the whole
@@ -48,8 +51,8 @@ import torch
 
 import fastmlr
 from bench import latency_tables as tables
-from bench.environment import capture_environment
-from bench.measure import measure_config
+from bench.environment import capture_environment, run_conditions
+from bench.measure import INTERLEAVED_ORDER, measure_interleaved
 from bench.paper_tables import (
     SRDL_TABLE_3_BACKBONE,
     SRDL_TABLE_3_ROWS,
@@ -175,25 +178,24 @@ def run(args: argparse.Namespace) -> dict:
     if args.dry_run:
         return {"settings": asdict(settings), "configs": [asdict(c) for c in configs], "precisions": precisions}
     torch.set_num_threads(settings.threads)
-    steps = sum(4 if c.model == "mcar" and RUNNERS[c.backend].per_component else 1
-                for c in configs for v in variants if (c.backend, v.precision) not in skipped)
-    measurements, failures, progress = [], [], progress_printer(steps)
+    jobs = [(c, v) for c in configs for v in variants if (c.backend, v.precision) not in skipped]
+    components = sum(4 if c.model == "mcar" and RUNNERS[c.backend].per_component else 1 for c, _ in jobs)
+    failures, progress = [], progress_printer(len(jobs) + components + settings.iters)
+
+    def failed(config: Config, variant: Settings, err: BaseException) -> None:
+        failures.append(Failure.of(config, err))
+        print(f"latency.py: {config.label()} {variant.precision} failed: {failures[-1].error}",
+              file=sys.stderr, flush=True)
+
+    start = run_conditions()
     with contextlib.ExitStack() as stack:
         workdir = Path(settings.cache_dir or stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)
-        for config in configs:
-            for variant in variants:
-                if (config.backend, variant.precision) in skipped:
-                    continue
-                try:
-                    measurements += measure_config(config, variant, workdir, progress)
-                except Exception as err:  # noqa: BLE001 - one failing configuration must not end a grid
-                    failures.append(Failure.of(config, err))
-                    print(f"latency.py: {config.label()} {variant.precision} failed: {failures[-1].error}",
-                          file=sys.stderr, flush=True)
+        measurements = measure_interleaved(jobs, workdir, progress, failed)
     rows = [asdict(m) for m in measurements]
     breakdown, speedup_rows = tables.mcar_breakdown(rows), tables.speedups(rows)
     return {
+        "run_conditions": {"order": INTERLEAVED_ORDER, "start": start, "end": run_conditions()},
         "environment": capture_environment(),
         "settings": {**asdict(settings), "backends": backends, "precisions": precisions, "table": args.table,
                      "command": sys.argv},
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated from {', '.join(PRECISION_NAMES)}; each configuration is timed at each (default fp32)")
     add("--device", choices=("cpu", "cuda"), help="default: cuda for trt/torch-trt or when a GPU is visible, else cpu")
     add("--warmup", type=int, default=5, help="untimed calls before timing, at least 1 (default 5)")
-    add("--iters", type=int, default=20, help="timed calls (default 20)")
+    add("--iters", type=int, default=20, help="timed rounds, one call of each configuration per round (default 20)")
     add("--table", choices=TABLES, help="ix: MCAR Table IX's grid; srdl3: SRDL Table 3's rows")
     add("--out", action="append", default=[], help="write results to FILE.json|.md|.csv (repeatable)")
     add("--overwrite", action="store_true", help="replace existing --out files")

@@ -202,8 +202,14 @@ def render_markdown(result: Mapping) -> str:
         f"kernels {s['kernels']}" + (" · channels_last" if s.get("channels_last") else ""),
         f"Machine: {describe_machine(env)}. {versions}. "
         f"{s['warmup']} warm-up + {s['iters']} timed calls; ms per call of {s['batch']} image(s).",
-        _measurements_table(result),
     ]
+    conditions = result.get("run_conditions")
+    if isinstance(conditions, Mapping) and "start" in conditions:
+        start, end = conditions["start"], conditions["end"]
+        loads = [", ".join(f"{x:.1f}" for x in c["load_average"]) for c in (start, end)]
+        parts.append(f"Timing order: {conditions['order']}. Load average (1, 5, 15 min) on "
+                     f"{start['cpu_count']} CPUs: {loads[0]} at {start['utc']}, {loads[1]} at {end['utc']}.")
+    parts.append(_measurements_table(result))
     if result["mcar_breakdown"]:
         parts += ["### MCAR per component (Table IX layout): ms per image, ours (paper, P40)",
                   _breakdown_table(result["mcar_breakdown"])]

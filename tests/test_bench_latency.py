@@ -235,14 +235,47 @@ def make_settings(**overrides) -> records.Settings:
     return records.Settings(**{**defaults, **overrides})
 
 
-def test_measure_config_per_image_at_batch_2(tmp_path):
+def test_measure_interleaved_per_image_at_batch_2(tmp_path):
     settings = make_settings(batch=2, iters=2, num_classes=5)
     config = records.Config("baseline", "mobilenet_v2", 64, "eager")
-    messages = []
-    (m,) = measure.measure_config(config, settings, tmp_path, messages.append)
-    assert len(m.samples_ms) == 2 and m.ms_per_image == pytest.approx(m.median_ms / 2)
+    messages, failures = [], []
+    (m,) = measure.measure_interleaved([(config, settings)], tmp_path, messages.append,
+                                       lambda *failure: failures.append(failure))
+    assert failures == [] and len(m.samples_ms) == 2 and m.ms_per_image == pytest.approx(m.median_ms / 2)
     assert m.images_per_s == pytest.approx(2000.0 / m.median_ms) and m.first_call_ms > 0
-    assert messages == ["baseline mobilenet_v2 64x64 eager total: warm-up 1, 2 timed calls"]
+    assert messages == [
+        "baseline mobilenet_v2 64x64 eager fp32: build",
+        "baseline mobilenet_v2 64x64 eager fp32 total: warm-up 1",
+        "round 1/2: one timed call of each of 1 components",
+        "round 2/2: one timed call of each of 1 components",
+    ]
+
+
+def test_table_configurations_are_built_first_then_timed_in_interleaved_rounds(tmp_path, monkeypatch):
+    """Every configuration is built before any is called; then each round calls every configuration once,
+    in turn, so the calls go a, b, c, a, b, c (not a, a, b, b, c, c); a configuration that fails is left
+    out and the others still run."""
+    events = []
+
+    def build(config, settings, workdir):
+        events.append(("build", config.model))
+        if config.model == "mlgcn":
+            return measure.Built(config, settings, {"total": lambda: 1 / 0}, "perf_counter", 0.0)
+        return measure.Built(config, settings, {"total": lambda: events.append(("call", config.model))},
+                             "perf_counter", 0.0)
+
+    monkeypatch.setattr(measure, "build_config", build)
+    settings = make_settings(warmup=1, iters=3)
+    models = ("baseline", "mlgcn", "ssgrl", "srdl")
+    jobs = [(records.Config(m, "resnet101", 448, "eager"), settings) for m in models]
+    failures = []
+    results = measure.measure_interleaved(jobs, tmp_path, lambda message: None,
+                                          lambda config, _, err: failures.append((config.model, type(err))))
+    assert events[:4] == [("build", m) for m in models]
+    calls = [model for kind, model in events[4:]]
+    assert calls == ["baseline", "ssgrl", "srdl"] + ["baseline", "ssgrl", "srdl"] * 3  # warm-up, then rounds
+    assert failures == [("mlgcn", ZeroDivisionError)]
+    assert [(m.model, len(m.samples_ms)) for m in results] == [("baseline", 3), ("ssgrl", 3), ("srdl", 3)]
 
 
 def test_time_calls_counts_and_measures():
