@@ -40,7 +40,7 @@ from .decision_margins import IntervalMargins, explain_ranking
 #: fp32 1e-4 and fp16 1e-2, fastmlr's export contract; bf16 scales fp16's bound by the ratio of the two
 #: formats' unit roundoffs (2^-8 / 2^-11 = 8), as bf16 keeps 7 mantissa bits to fp16's 10. int8
 #: (calibrated Q/DQ, :mod:`fastmlr.export.precision`) from the drift measured on well-conditioned
-#: random-weight networks (``bench/precision_agreement.py``), with headroom.
+#: random-weight networks (``bench/bench_precision.py``, ``tests/test_export_precision.py``), with headroom.
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2, "int8": 0.15}
 
 #: The validation photos shipped as package data: ``coco/`` (6 COCO val2014) and ``voc/`` (4 VOC 2008).
