@@ -33,7 +33,7 @@ from fastmlr.export.validation import find_images, image_batches
 from onnx import TensorProto, helper, numpy_helper
 
 import fastmlr
-from fastmlr.testing import condition_for_low_precision
+from fastmlr.testing import condition_for_low_precision, stand_in_label_graph
 
 SIZE = 64
 requires_autocast = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
@@ -239,3 +239,45 @@ def test_cli_export_int8_options(tmp_path, capsys) -> None:
     assert "--calibration and --per-tensor apply to --precision int8" in capsys.readouterr().err
     assert main([*common, "--precision", "int8", "--calibration", str(tmp_path / "nowhere")]) == 1
     assert "--calibration" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+#: Model × precision pairs whose conditioned random-weight fixture still drifts past the tolerance
+#: (packaged photos, 64 px, mobilenet_v2, 10 classes); strict, so a pair that starts passing is noticed.
+#: No conversion error was found (Deep-LIFT's drift was traced to the backbone); these need a fixture
+#: closer to trained weights, or trained weights.
+FIXTURE_DRIFT = {
+    ("deeplift", "int8"): "|Δprob| 0.32; the backbone's (20 classes, unshifted: 0.56 with the head float32, 0.08 backbone float32)",
+    ("mlgcn", "int8"): "|Δprob| 0.25 on a VOC photo; which nodes drift was not isolated",
+    ("srdl", "int8"): "|Δprob| 0.22 on a VOC photo; which nodes drift was not isolated",
+    ("ssgrl", "int8"): "|Δprob| 0.30 on a VOC photo; which nodes drift was not isolated",
+    ("deeplift", "fp16"): "|Δprob| 0.028; the backbone's (20 classes: 0.0079 with the head float32, 0.0004 backbone float32)",
+    ("mlgcn", "fp16"): "|Δprob| 0.023 on a VOC photo; which nodes drift was not isolated",
+}
+#: The conditioning each precision's fixture gets (:func:`condition_for_low_precision`). INT8 needs the
+#: BatchNorm shifts that keep a random mobilenet_v2 out of its chaotic regime (the last feature map's
+#: INT8 error falls from 73% to 14% of its magnitude) and trained-size logits (std 2); with both,
+#: fp16 drift on the uniform-noise validation input rises (baseline: 0.0017 to 0.037), so the fp16
+#: fixture keeps the unshifted conditioning.
+FIXTURE_CONDITIONING = {"int8": {"shift_std": 2.0, "logit_std": 2.0}, "fp16": {}}
+
+
+@pytest.mark.slow  # 30 s to 4 min a pair on a loaded 2-core machine (LCE and MCAR the slowest)
+@pytest.mark.parametrize("precision", ["int8", pytest.param("fp16", marks=requires_autocast)])
+@pytest.mark.parametrize("name", fastmlr.list_models())
+def test_every_model_exports_and_validates(name, precision, tmp_path, request) -> None:
+    if (name, precision) in FIXTURE_DRIFT:
+        request.applymarker(pytest.mark.xfail(raises=ExportValidationError, strict=True,
+                                              reason=FIXTURE_DRIFT[name, precision]))
+    torch.manual_seed(0)
+    model = fastmlr.create_model(name, backbone="mobilenet_v2", num_classes=10, image_size=SIZE,
+                                 **stand_in_label_graph(name))
+    photos = find_images(None)
+    batch = torch.cat([b for _, b in image_batches(photos, SIZE, len(photos))])
+    model = condition_for_low_precision(model, batch, **FIXTURE_CONDITIONING[precision])
+    reports = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # int8: the COCO photos calibrate, the VOC photos validate; fp16: every photo and one random input
+        to_onnx(model, tmp_path / f"{name}.onnx", image_size=SIZE, precision=precision, images=photos,
+                num_random=1 if precision == "fp16" else 0, on_validated=reports.append)
+    assert reports[0].ok and reports[0].tolerance == {"int8": 0.15, "fp16": 1e-2}[precision]
