@@ -246,11 +246,13 @@ def test_cli_export_int8_options(tmp_path, capsys) -> None:
 #: No conversion error was found (Deep-LIFT's drift was traced to the backbone); these need a fixture
 #: closer to trained weights, or trained weights.
 FIXTURE_DRIFT = {
-    ("deeplift", "int8"): "|Δprob| 0.32; the backbone's (20 classes, unshifted: 0.56 with the head float32, 0.08 backbone float32)",
+    ("deeplift", "int8"): ("|Δprob| 0.32; the backbone's (20 classes, unshifted: 0.56 with the head float32, "
+                             "0.08 with the backbone float32)"),
     ("mlgcn", "int8"): "|Δprob| 0.25 on a VOC photo; which nodes drift was not isolated",
     ("srdl", "int8"): "|Δprob| 0.22 on a VOC photo; which nodes drift was not isolated",
     ("ssgrl", "int8"): "|Δprob| 0.30 on a VOC photo; which nodes drift was not isolated",
-    ("deeplift", "fp16"): "|Δprob| 0.028; the backbone's (20 classes: 0.0079 with the head float32, 0.0004 backbone float32)",
+    ("deeplift", "fp16"): ("|Δprob| 0.028; the backbone's (20 classes: 0.0079 with the head float32, "
+                             "0.0004 with the backbone float32)"),
     ("mlgcn", "fp16"): "|Δprob| 0.023 on a VOC photo; which nodes drift was not isolated",
 }
 #: The conditioning each precision's fixture gets (:func:`condition_for_low_precision`). INT8 needs the
