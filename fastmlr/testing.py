@@ -275,6 +275,22 @@ def random_resnet_state(name: str, images: torch.Tensor, seed: int = 0) -> dict[
     return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 
+def assert_key_map(
+    model: nn.Module, shapes: dict[str, torch.Size], renamed: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Check ``model.remap_checkpoint_keys`` on a released state dict given by its key ``shapes`` (meta
+    tensors): the remapped keys are exactly the model's, with its shapes, and each released key of
+    ``renamed`` lands, as the same tensor, on the model key it names. Returns the remapped state."""
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    remapped = model.remap_checkpoint_keys(state)
+    own = model.state_dict()
+    assert remapped.keys() == own.keys(), sorted(set(remapped) ^ set(own))[:8]
+    assert all(remapped[k].shape == own[k].shape for k in own)
+    for released_key, own_key in renamed.items():
+        assert remapped[own_key] is state[released_key], (released_key, own_key)
+    return remapped
+
+
 def released_features_trunk(state: dict[str, torch.Tensor]) -> nn.Sequential:
     """The ResNet trunk of a released checkpoint whose backbone is ``features.0 … features.7``
     (``conv1, bn1, relu, maxpool, layer1 … layer4``: ML-GCN, Deep-LIFT, MCAR), in eval mode."""
