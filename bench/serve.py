@@ -39,7 +39,7 @@ import torch
 
 import fastmlr
 from bench.environment import capture_environment, describe_machine
-from bench.writers import format_ms, markdown_table, write_json_and_markdown
+from bench.writers import check_outputs, format_ms, json_and_markdown, markdown_table, write_json_and_markdown
 from fastmlr import serve
 from fastmlr.testing import calibrate_batchnorm
 
@@ -325,13 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="the sweep is run this many times, rows merged")
     parser.add_argument("--soak", type=float, default=180, help="seconds of the soak at concurrency 8")
     parser.add_argument("--out", type=Path, required=True, help="result JSON (markdown written beside it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.out.suffix != ".json":
-        raise SystemExit("--out must end in .json (the markdown goes beside it)")
+    try:
+        check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
+    except ValueError as err:
+        raise SystemExit(f"serve.py: error: {err}") from None
     result = run(args)
     markdown = render_markdown(result)
     write_json_and_markdown(result, args.out, markdown)

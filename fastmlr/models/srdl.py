@@ -89,8 +89,9 @@ def srdl_loss(
 
 @register_model("srdl")
 class SRDL(MLRModel):
-    """SRDL with options ``label_embeddings`` (``[C, 300]`` tensor/ndarray or ``.npy`` path; a
-    seeded random stand-in when ``None``, see :func:`fastmlr.graph.label_embedding_matrix`),
+    """SRDL with options ``label_embeddings`` (``"coco"``/``"voc"``, ``"random"``, a ``[C, 300]``
+    tensor/ndarray or ``.npy`` path; the packaged GloVe vectors of 80 or 20 classes when ``None``, see
+    :func:`fastmlr.graph.label_embedding_matrix`),
     ``topk`` (classes erased per image in training, 3) and ``threshold`` (α of eq. 9–10, 0.5).
 
     Widths: graph 300→300→300; ``f_w`` 300→D, ``f_ca``, ``f_sa``, ``f_c`` D→D, ``f_s`` D→1
