@@ -213,6 +213,10 @@ BENCH_CASES = [
     ("bench_g2l", ["--out", "{readonly}/g2l.json"], "cannot write in"),
     ("bench_attention", ["--out", "{readonly}/attention.json"], "cannot write in"),
     ("bench_attention", ["--out", "{file}"], "exists; pass --overwrite"),
+    ("bench_precision", ["--out", "{file}"], "exists; pass --overwrite"),
+    ("bench_precision", ["--out", "{readonly}/precision.json"], "cannot write in"),
+    ("serve", ["--out", "{file}"], "exists; pass --overwrite"),
+    ("serve", ["--out", "{tmp}/serve.txt"], "the suffix must be one of"),
     ("plot", ["{file}", "--out", "{tmp}"], "the suffix must be one of .png"),
     ("plot", ["{file}", "--out", "{readonly}/plot.png"], "cannot write in"),
 ]
@@ -227,7 +231,7 @@ def test_bench_scripts_check_outputs_first(paths, capsys, script, argv, pattern)
     try:
         code = main_of(argv)
         err = capsys.readouterr().err
-    except SystemExit as done:  # bench_g2l / bench_attention exit with their message
+    except SystemExit as done:  # the kernel, precision and serving benchmarks exit with their message
         code, err = 1, str(done.code)
     assert code in (1, 2)
     lines = err.strip().splitlines()
