@@ -48,7 +48,7 @@ from fastmlr.kernels import (
 from bench.environment import capture_environment, describe_machine
 from bench.memory import MEASURES, peak_bytes
 from bench.timing import pair_with_baseline, summarize, time_calls, timer_for
-from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
+from bench.writers import check_result_files, markdown_table, write_json_and_markdown
 
 PATHS = ("srdl", "ssgrl")
 MEMORY_TARGET = 0.1  # chunked/fused peak over naive peak at the largest batch
@@ -221,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch + [args.classes, args.positions, args.dim, args.repeats, args.threads]) < 1:
         raise SystemExit("--batch, --classes, --positions, --dim, --repeats, --threads must be positive")
     if args.out and not args.worker:
-        try:
-            check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
-        except ValueError as err:
-            raise SystemExit(f"bench_attention.py: error: {err}") from None
+        check_result_files("bench_attention.py", args.out, args.overwrite)
     if args.worker:
         path, impl, batch = args.worker
         footprint = measure(path, impl, int(batch), args.classes, args.positions, args.dim, args.device,

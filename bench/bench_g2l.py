@@ -58,7 +58,7 @@ from fastmlr.kernels import crop_resize, localize_regions
 
 from bench.environment import capture_environment, describe_allocator, describe_machine
 from bench.timing import interleaved, pair_with_baseline, summarize
-from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
+from bench.writers import check_result_files, markdown_table, write_json_and_markdown
 from fastmlr.testing import released_crop_resize, released_global_to_local, released_localize
 
 SIZE = 448
@@ -239,10 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     args = parser.parse_args(argv)
-    try:
-        check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
-    except ValueError as err:
-        raise SystemExit(f"bench_g2l.py: error: {err}") from None
+    check_result_files("bench_g2l.py", args.out, args.overwrite)
     torch.set_grad_enabled(False)
     x = make_inputs(1, args.device)
     boxes_match = bool(

@@ -36,7 +36,7 @@ from fastmlr.kernels import use_backend
 import fastmlr
 from bench.environment import capture_environment, describe_machine
 from bench.timing import interleaved, summarize
-from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
+from bench.writers import check_result_files, markdown_table, write_json_and_markdown
 from fastmlr.testing import condition_for_low_precision
 
 #: Speed targets: (what, model, precision, reference model, reference precision, bound, sense).
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     args = parser.parse_args(argv)
-    try:
-        check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
-    except ValueError as err:
-        raise SystemExit(f"bench_precision.py: error: {err}") from None
+    check_result_files("bench_precision.py", args.out, args.overwrite)
     models, precisions = args.models.split(","), args.precisions.split(",")
     if "fp32" not in precisions or any(p not in PRECISIONS for p in precisions):
         parser.error(f"--precisions: a comma-separated subset of {PRECISIONS} that includes fp32")

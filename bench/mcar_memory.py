@@ -25,7 +25,7 @@ import torch
 import fastmlr
 from bench.environment import capture_environment, describe_machine
 from bench.memory import MEASURES, peak_bytes
-from bench.writers import check_outputs, json_and_markdown, markdown_table, write_json_and_markdown
+from bench.writers import check_result_files, markdown_table, write_json_and_markdown
 from fastmlr.models.mcar import forward_bytes
 
 TOPN = 4
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         what, backbone, batch, size, grad = args.worker
         print(measure(what, backbone, int(batch), int(size), grad == "True"))
         return 0
-    try:
-        check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
-    except ValueError as err:
-        raise SystemExit(f"mcar_memory.py: error: {err}") from None
+    check_result_files("mcar_memory.py", args.out, args.overwrite)
     rows = []
     for what, backbone, batch, size, grad in CASES:
         command = [sys.executable, __file__, "--out", str(args.out), "--worker", what, backbone, str(batch), str(size),

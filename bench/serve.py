@@ -39,7 +39,12 @@ import torch
 
 import fastmlr
 from bench.environment import capture_environment, describe_machine
-from bench.writers import check_outputs, format_ms, json_and_markdown, markdown_table, write_json_and_markdown
+from bench.writers import (
+    check_result_files,
+    format_ms,
+    markdown_table,
+    write_json_and_markdown,
+)
 from fastmlr import serve
 from fastmlr.testing import calibrate_batchnorm
 
@@ -331,10 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_outputs(json_and_markdown(args.out), args.overwrite, (".json", ".md"))
-    except ValueError as err:
-        raise SystemExit(f"serve.py: error: {err}") from None
+    check_result_files("serve.py", args.out, args.overwrite)
     result = run(args)
     markdown = render_markdown(result)
     write_json_and_markdown(result, args.out, markdown)

@@ -60,6 +60,15 @@ def json_and_markdown(json_path: str | Path) -> list[Path]:
     return [Path(json_path), Path(json_path).with_suffix(".md")]
 
 
+def check_result_files(script: str, json_path: str | Path, overwrite: bool = False) -> None:
+    """:func:`check_outputs` for a JSON result and the markdown beside it; a bad path ends the run with
+    one line, ``SCRIPT: error: ...``, before anything is measured."""
+    try:
+        check_outputs(json_and_markdown(json_path), overwrite, (".json", ".md"))
+    except ValueError as err:
+        raise SystemExit(f"{script}: error: {err}") from None
+
+
 def write_outputs(
     result: Mapping, paths: Iterable[str | Path], renderers: Mapping[str, Callable[[Mapping], str]]
 ) -> None:
