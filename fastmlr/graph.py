@@ -203,6 +203,15 @@ def mlgcn_propagation(correlation: torch.Tensor) -> torch.Tensor:
     return inv_sqrt_degree[:, None] * correlation.T * inv_sqrt_degree[None, :]
 
 
+def require_positive_row_sums(matrix: torch.Tensor, reason: str) -> torch.Tensor:
+    """``matrix`` itself, after checking that every row sums to more than 0 (graphs normalised by their
+    row sums, eq. ``D^-1/2``, need it); a ``ValueError`` names the empty rows and ``reason``."""
+    empty = (matrix.sum(1) <= 0).nonzero()[:, 0].tolist()
+    if empty:
+        raise ValueError(f"adjacency rows {empty[:8]} sum to 0: {reason}")
+    return matrix
+
+
 def label_embedding_matrix(
     embeddings: torch.Tensor | np.ndarray | str | os.PathLike | None,
     num_classes: int,

@@ -56,6 +56,7 @@ from fastmlr.graph import (
     adjacency_matrix,
     label_embedding_matrix,
     mlgcn_propagation,
+    require_positive_row_sums,
 )
 from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
@@ -156,10 +157,9 @@ class DeepLIFT(LogitModel):
         if adjacency is None:
             matrix = torch.ones(C, C)  # the released initialisation, never updated
         else:
-            matrix = adjacency_matrix(adjacency, C)
-            if (matrix.sum(1) <= 0).any():
-                empty = (matrix.sum(1) <= 0).nonzero()[:, 0].tolist()
-                raise ValueError(f"adjacency rows {empty[:8]} sum to 0: Deep-LIFT normalises by the row sums")
+            matrix = require_positive_row_sums(
+                adjacency_matrix(adjacency, C), "Deep-LIFT normalises by the row sums"
+            )
         self.register_buffer("adjacency", matrix)
         self.embedding_norm = nn.BatchNorm1d(WORD_EMBEDDING_DIM, affine=False)
         self.graph_layers = nn.ModuleList(

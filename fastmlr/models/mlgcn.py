@@ -29,6 +29,7 @@ from fastmlr.graph import (
     label_embedding_matrix,
     mlgcn_correlation,
     mlgcn_propagation,
+    require_positive_row_sums,
 )
 from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
@@ -77,11 +78,10 @@ class MLGCN(LogitModel):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        correlation = adjacency_matrix(adjacency, self.num_classes, mlgcn_correlation)
-        if (correlation.sum(1) <= 0).any():
-            empty = (correlation.sum(1) <= 0).nonzero()[:, 0].tolist()
-            raise ValueError(f"adjacency rows {empty[:8]} sum to 0: ML-GCN normalises by the row sums "
-                             "(the released gen_A adds the identity)")
+        correlation = require_positive_row_sums(
+            adjacency_matrix(adjacency, self.num_classes, mlgcn_correlation),
+            "ML-GCN normalises by the row sums (the released gen_A adds the identity)",
+        )
         self.register_buffer("word_embeddings", label_embedding_matrix(label_embeddings, self.num_classes))
         self.register_buffer("correlation", correlation)
         self.gc1 = GraphConvolution(WORD_EMBEDDING_DIM, 1024)

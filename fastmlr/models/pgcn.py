@@ -35,6 +35,7 @@ from fastmlr.graph import (
     adjacency_matrix,
     mlgcn_correlation,
     mlgcn_propagation,
+    require_positive_row_sums,
 )
 from fastmlr.models.base import LogitModel
 from fastmlr.registry import register_model
@@ -63,11 +64,10 @@ class PGCN(LogitModel):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        correlation = adjacency_matrix(adjacency, self.num_classes, mlgcn_correlation)
-        empty = (correlation.sum(1) <= 0).nonzero()[:, 0].tolist()
-        if empty:
-            raise ValueError(f"adjacency rows {empty[:8]} sum to 0: the graph is normalised by its row "
-                             "sums (mlgcn_correlation adds the identity)")
+        correlation = require_positive_row_sums(
+            adjacency_matrix(adjacency, self.num_classes, mlgcn_correlation),
+            "the graph is normalised by its row sums (mlgcn_correlation adds the identity)",
+        )
         self.register_buffer("correlation", correlation)
         self.class_maps = nn.Conv2d(self.spec.out_channels, self.num_classes, kernel_size=1)
         self.gc1 = GraphConvolution(self.spec.out_channels, HIDDEN_DIM)
