@@ -30,6 +30,7 @@ rounded to bf16 after each node.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -448,8 +449,9 @@ def precision_session(
 @dataclass(frozen=True)
 class Agreement:
     """How a reduced-precision artifact agrees with the float32 PyTorch model on held-out images:
-    ``label_agreement`` the share of (image, class) pairs on the same side of the 0.5 threshold,
-    ``top3_agreement`` the share of images with the same three top classes (as a set), ``max_abs_diff``
+    ``label_agreement`` the share of (image, class) pairs on the same side of ``threshold`` (a label
+    is a score ≥ it; 0.5 unless given), ``top3_agreement`` the share of images with the same three top
+    classes (as a set), ``max_abs_diff``
     / ``mean_abs_diff`` of the final probabilities, and for MCAR ``identical_boxes`` the share of
     regions (image, rank) with the same class and the same box (``None`` otherwise)."""
 
@@ -459,19 +461,21 @@ class Agreement:
     max_abs_diff: float
     mean_abs_diff: float
     identical_boxes: float | None
+    threshold: float = 0.5
 
     def describe(self) -> str:
         boxes = "" if self.identical_boxes is None else f", identical boxes {100 * self.identical_boxes:.1f}%"
-        return (f"on {self.images} held-out images: labels at 0.5 agree {100 * self.label_agreement:.2f}%, "
+        return (f"on {self.images} held-out images: labels at {self.threshold:g} agree "
+                f"{100 * self.label_agreement:.2f}%, "
                 f"top-3 {100 * self.top3_agreement:.1f}%, |Δprob| max {self.max_abs_diff:.3g} "
                 f"mean {self.mean_abs_diff:.3g}{boxes}")
 
 
 def agreement(
-    outputs: Sequence[dict[str, np.ndarray]], references: Sequence[dict[str, np.ndarray]]
+    outputs: Sequence[dict[str, np.ndarray]], references: Sequence[dict[str, np.ndarray]], *, threshold: float = 0.5
 ) -> Agreement:
     """:class:`Agreement` of an artifact's outputs with the reference's, batch by batch (``probs``, and
-    ``boxes`` / ``indices`` where present)."""
+    ``boxes`` / ``indices`` where present), labels taken at ``threshold``."""
     probs = np.concatenate([np.asarray(o["probs"], np.float64) for o in outputs])
     ref = np.concatenate([np.asarray(r["probs"], np.float64) for r in references])
     if probs.shape != ref.shape or probs.size == 0:
@@ -484,8 +488,8 @@ def agreement(
         same = [np.all(o["boxes"] == r["boxes"], axis=-1) & (o["indices"] == r["indices"])
                 for o, r in zip(outputs, references, strict=True)]
         boxes = float(np.concatenate([s.reshape(-1) for s in same]).mean())
-    return Agreement(len(probs), float(((probs >= 0.5) == (ref >= 0.5)).mean()), float(np.mean(top3)),
-                     float(diff.max()), float(diff.mean()), boxes)
+    return Agreement(len(probs), float(((probs >= threshold) == (ref >= threshold)).mean()), float(np.mean(top3)),
+                     float(diff.max()), float(diff.mean()), boxes, threshold)
 
 
 def held_out_images(
@@ -498,9 +502,32 @@ def held_out_images(
     paths = find_images(images)
     if calibration is None:
         return paths
-    used = {p.resolve() for p in calibration.paths}
-    held_out = [p for p in paths if p.resolve() not in used]
+    used = set(calibration_images_among(paths, calibration.paths))
+    held_out = [p for p in paths if p not in used]
     if not held_out:
         warnings.warn("every validation image was used for calibration; the int8 graph is validated on random "
                       "inputs only: pass images= (--images) that the calibration did not see", stacklevel=3)
     return held_out
+
+
+def calibration_images_among(images: Sequence[Path], calibration: Sequence[Path]) -> list[Path]:
+    """The images of ``images`` (in order) that are calibration images: the same file as one of
+    ``calibration`` (resolved path) or a copy of one, under any name (the same bytes: the packaged
+    COCO photos are COCO val2014 images)."""
+    used = {p.resolve() for p in calibration}
+    sizes: dict[int, list[Path]] = {}
+    for path in calibration:
+        sizes.setdefault(path.stat().st_size, []).append(path)
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digests[path]
+
+    found = []
+    for path in map(Path, images):
+        same_size = sizes.get(path.stat().st_size, [])
+        if path.resolve() in used or any(digest(path) == digest(c) for c in same_size):
+            found.append(path)
+    return found

@@ -1,6 +1,7 @@
 """``fastmlr evaluate`` end to end on synthetic COCO / VOC trees, ``fastmlr predict`` on real images."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from fastmlr import create_model
 from fastmlr.checkpoint import save_checkpoint
 from fastmlr.cli import main
-from fastmlr.data import COCO_CLASSES, VOC_CLASSES, CocoMultiLabel
+from fastmlr.data import COCO_CLASSES, VOC_CLASSES, CocoMultiLabel, VocMultiLabel
 from fastmlr.metrics import METRIC_NAMES, TOP3_NAMES, evaluate
 from fastmlr.predict import (
     PALETTE,
@@ -23,7 +24,7 @@ from fastmlr.predict import (
     scale_box,
     top_labels,
 )
-from fastmlr.testing import calibrate_batchnorm
+from fastmlr.testing import calibrate_batchnorm, condition_for_low_precision
 
 SMALL = ["--backbone", "mobilenet_v2", "--size", "64"]
 SMALL_MODEL = {"backbone": "mobilenet_v2", "num_classes": 80, "image_size": 64}
@@ -100,7 +101,157 @@ def test_evaluate_onnxruntime_compared_with_eager(coco_tree, tmp_path, capsys):
     assert compare["backend"] == "eager" and 0 <= compare["max_abs_prob_diff"] < 1e-4
     assert compare["map_diff"] == pytest.approx(report["metrics"]["mAP"] - compare["metrics"]["mAP"])
     assert abs(compare["map_diff"]) < 0.5
-    assert "onnxruntime vs eager: max |Δprob|" in stdout
+    # fp32: nothing calibrated, every image compared, every label the same.
+    assert compare["agreement_images"] == 6 and compare["label_agreement"] == 1.0 and "calibration" not in report
+    assert compare["identical_boxes"] is None  # a model without regions
+    assert "onnxruntime (fp32) vs eager (fp32): ΔmAP" in stdout and "agreement on 6 images: labels" in stdout
+
+
+def int8_model(name: str, **options) -> nn.Module:
+    """A small random model whose INT8 export passes validation at 80 classes: conditioned for INT8
+    (:func:`condition_for_low_precision` on the packaged photos, BatchNorm shifts of std 2) with logits
+    of std 0.5 (std 2 drifts past the 0.15 tolerance at 80 classes: |Δprob| 0.16 to 0.23 over seeds)."""
+    from fastmlr.export.validation import find_images, image_batches
+
+    torch.manual_seed(0)
+    photos = find_images(None)
+    batch = torch.cat([b for _, b in image_batches(photos, 64, len(photos))])
+    return condition_for_low_precision(create_model(name, **{**SMALL_MODEL, **options}), batch, shift_std=2.0,
+                                       logit_std=0.5)
+
+
+def run_evaluate_spied(argv, capsys, monkeypatch):
+    """``fastmlr evaluate`` with every backend's outputs and the graph's precision recorded:
+    ``(code, stdout, stderr, {"outputs": {backend: {output: array}}, "graph_precision": str})``."""
+    onnx = pytest.importorskip("onnx")
+    import fastmlr.export.precision
+
+    import fastmlr.evaluate
+
+    seen = {}
+    collect, session = fastmlr.evaluate.collect_outputs, fastmlr.export.precision.precision_session
+
+    def spy_collect(*args, **kwargs):
+        result = collect(*args, **kwargs)
+        seen["outputs"] = result[0]
+        return result
+
+    def spy_session(path, **kwargs):
+        seen["graph_precision"] = fastmlr.export.precision.graph_precision(onnx.load(path))
+        return session(path, **kwargs)
+
+    monkeypatch.setattr(fastmlr.evaluate, "collect_outputs", spy_collect)
+    monkeypatch.setattr(fastmlr.export.precision, "precision_session", spy_session)
+    return (*run_cli(argv, capsys), seen)
+
+
+def check_agreement(compare: dict, probs: np.ndarray, reference: np.ndarray, threshold: float) -> None:
+    """The report's agreement numbers, recomputed from the two backends' probabilities ``[n, C]``."""
+    difference = np.abs(probs.astype(np.float64) - reference)
+    top3 = [set(np.argsort(-p)[:3]) == set(np.argsort(-r)[:3]) for p, r in zip(probs, reference, strict=True)]
+    assert compare["agreement_images"] == len(probs) and compare["threshold"] == threshold
+    assert compare["label_agreement"] == pytest.approx(((probs >= threshold) == (reference >= threshold)).mean())
+    assert compare["top3_agreement"] == pytest.approx(np.mean(top3))
+    assert compare["max_abs_prob_diff"] == pytest.approx(difference.max())
+    assert compare["mean_abs_prob_diff"] == pytest.approx(difference.mean())
+
+
+def test_evaluate_int8_against_eager_leaves_calibration_images_out(coco_tree, tmp_path, capsys, monkeypatch):
+    from fastmlr.export.precision import DEFAULT_CALIBRATION_DIR
+    from fastmlr.export.validation import find_images
+
+    root, ann_file, _ = coco_tree
+    model = int8_model("baseline")
+    checkpoint, out = tmp_path / "baseline.pt", tmp_path / "int8.json"
+    save_checkpoint(model, checkpoint)
+    # Calibration: the packaged COCO photos and a copy, under another name, of one evaluated image.
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for photo in find_images(DEFAULT_CALIBRATION_DIR):
+        shutil.copy(photo, calibration)
+    shutil.copy(root / "val2014" / "COCO_val2014_000000000003.jpg", calibration / "copy.jpg")
+    with pytest.warns(UserWarning, match=r"1 of the 9 evaluated images are int8 calibration images "
+                      r"\(COCO_val2014_000000000003.jpg\): the agreement leaves them out"):
+        code, stdout, stderr, seen = run_evaluate_spied(
+            ["evaluate", "--model", "baseline", *SMALL, "--checkpoint", str(checkpoint), "--data", "coco",
+             "--root", str(root), "--backend", "onnxruntime", "--precision", "int8", "--calibration",
+             str(calibration), "--compare", "eager", "--batch-size", "4", "--workers", "0", "--out", str(out)],
+            capsys, monkeypatch,
+        )
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    compare = report["compare"]
+    assert seen["graph_precision"] == "int8"
+    assert (report["precision"], compare["precision"]) == ("int8", "fp32")
+    assert report["calibration"] == {"source": str(calibration), "images": 7, "evaluated_images_used": [
+        str(root / "val2014" / "COCO_val2014_000000000003.jpg")]}
+    # The eager rows are the model's own probabilities on the readable images; the int8 rows differ.
+    eager_probs, targets, _ = readable_probs(model, root, ann_file)
+    int8, eager = seen["outputs"]["onnxruntime"]["probs"], seen["outputs"]["eager"]["probs"]
+    np.testing.assert_allclose(eager, eager_probs.numpy(), atol=1e-6)
+    assert 1e-3 < np.abs(int8 - eager).max() < 0.15
+    # ΔmAP over all 9 images: the two metrics blocks, and the metrics of the two probability arrays.
+    assert compare["map_diff"] == pytest.approx(report["metrics"]["mAP"] - compare["metrics"]["mAP"])
+    assert compare["map_diff"] == pytest.approx(evaluate(int8, targets)["mAP"] - evaluate(eager, targets)["mAP"])
+    assert report["metrics"]["mAP"] == pytest.approx(evaluate(int8, targets)["mAP"])
+    # The agreement on the 8 images calibration did not see (image 3 is row 2 of the readable ones).
+    dataset = CocoMultiLabel(root / "val2014", ann_file, image_size=64)
+    readable_ids = [i for i in dataset.image_ids if i != 4]
+    held_out = [row for row, image_id in enumerate(readable_ids) if image_id != 3]
+    assert len(held_out) == 8
+    check_agreement(compare, int8[held_out], eager[held_out], 0.5)
+    assert compare["identical_boxes"] is None
+    assert "onnxruntime (int8) vs eager (fp32): ΔmAP = " in stdout
+    assert (f"agreement on 8 images not used for calibration: labels (≥0.50) {100 * compare['label_agreement']:.2f}%"
+            in stdout)
+    assert "int8 calibrated on 7 images" in stdout and "1 of the evaluated images are among them" in stdout
+
+
+def test_evaluate_mcar_int8_against_eager_compares_boxes(tmp_path, capsys, monkeypatch):
+    root = make_voc(tmp_path / "VOC2007", {
+        "000001": [("dog", 0), ("person", 0)], "000002": [("cat", 0)], "000003": [("person", 0), ("car", 0)],
+        "000004": [("dog", 0)], "000005": [("car", 0)],
+    })
+    model = int8_model("mcar", num_classes=20, topn=2)
+    checkpoint, out = tmp_path / "mcar.pt", tmp_path / "int8.json"
+    save_checkpoint(model, checkpoint)
+    with pytest.warns(UserWarning, match="calibrating INT8 ranges on the packaged validation photos"):
+        code, stdout, stderr, seen = run_evaluate_spied(
+            ["evaluate", "--model", "mcar", *SMALL, "--checkpoint", str(checkpoint), "--data", "voc", "--root",
+             str(root), "--backend", "onnxruntime", "--precision", "int8", "--compare", "eager", "--batch-size",
+             "2", "--workers", "0", "--out", str(out)],
+            capsys, monkeypatch,
+        )
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    compare = report["compare"]
+    assert seen["graph_precision"] == "int8" and report["calibration"]["evaluated_images_used"] == []
+    int8, eager = seen["outputs"]["onnxruntime"], seen["outputs"]["eager"]
+    # The eager rows are MCAR's own stages on the 5 images, in split order.
+    images = torch.stack([VocMultiLabel(root, image_size=64)[i][0] for i in range(5)])
+    with torch.no_grad():
+        stages = model.forward_stages(images)
+    np.testing.assert_allclose(eager["probs"], stages.probs.numpy(), atol=1e-6)
+    assert np.array_equal(eager["boxes"], stages.boxes.numpy()) and np.array_equal(eager["indices"], stages.indices)
+    assert int8["boxes"].shape == (5, 2, 4) and int8["indices"].shape == (5, 2)
+    # Every image is held out; labels compared at MCAR's threshold, 0.6.
+    check_agreement(compare, int8["probs"], eager["probs"], 0.6)
+    same = (int8["boxes"] == eager["boxes"]).all(axis=-1) & (int8["indices"] == eager["indices"])
+    assert compare["identical_boxes"] == pytest.approx(same.mean())
+    assert compare["map_diff"] == pytest.approx(report["metrics"]["mAP"] - compare["metrics"]["mAP"])
+    assert f"identical boxes {100 * same.mean():.1f}%" in stdout
+
+
+def test_calibration_images_among_matches_paths_and_bytes(tmp_path):
+    from fastmlr.export.precision import calibration_images_among
+
+    for name, content in [("a.jpg", b"aaaa"), ("b.jpg", b"bbbb"), ("c.jpg", b"cccc"), ("a_copy.jpg", b"aaaa")]:
+        (tmp_path / name).write_bytes(content)
+    images = [tmp_path / "b.jpg", tmp_path / "a_copy.jpg", tmp_path / "c.jpg", tmp_path / "sub" / ".." / "a.jpg"]
+    (tmp_path / "sub").mkdir()
+    # b: the same file; a_copy: a's bytes under another name; c: same size, other bytes; a: through "..".
+    found = calibration_images_among(images, [tmp_path / "a.jpg", tmp_path / "b.jpg"])
+    assert found == [images[0], images[1], images[3]]
 
 
 def test_evaluate_voc_tree(tmp_path, capsys):
