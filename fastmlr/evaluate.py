@@ -465,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{len(used)} of the {len(evaluated)} evaluated images are int8 calibration images "
                 f"({', '.join(path.name for path in used[:3])}{' ...' if len(used) > 3 else ''}): the agreement "
                 "leaves them out, the mAPs include them; pass --calibration DIR with images outside the dataset",
-                stacklevel=2)
+                stacklevel=1)
     if args.compare:
         main, other = args.backend, args.compare
         report["compare"] = {
