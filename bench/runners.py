@@ -105,21 +105,21 @@ def torch_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings
 
 
 def export_onnx(
-    model: torch.nn.Module, images: torch.Tensor, workdir: Path, precision: str = "fp32", for_tensorrt: bool = False
+    model: torch.nn.Module, images: torch.Tensor, workdir: Path, precision: str = "fp32"
 ) -> Path:
     """:func:`fastmlr.export.to_onnx` of the fp32 CPU ``model`` at ``images``' size and batch and at
     ``precision``, into ``workdir`` (not validated: timing only). INT8 is calibrated on the packaged
-    photos, in TensorRT's signed form with ``for_tensorrt``."""
+    photos."""
     import warnings
 
     from fastmlr.export import to_onnx
 
     batch, _, size, _ = images.shape
-    name = f"{model.model_name}-{model.backbone_name}-{size}-b{batch}-{precision}{'-trt' * for_tensorrt}"
+    name = f"{model.model_name}-{model.backbone_name}-{size}-b{batch}-{precision}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="calibrating INT8 ranges on the packaged")
         return to_onnx(model, workdir / f"{name}.onnx", image_size=size, batch=batch, validate=False,
-                       precision=precision, symmetric_activations=for_tensorrt)
+                       precision=precision)
 
 
 def onnxruntime_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, workdir: Path) -> Calls:
@@ -142,7 +142,7 @@ def trt_calls(model: torch.nn.Module, images: torch.Tensor, settings: Settings, 
     batch, on fp32 GPU images."""
     from fastmlr.export import TRTRunner, build_engine
 
-    onnx_path = export_onnx(model, images, workdir, settings.precision, for_tensorrt=True)
+    onnx_path = export_onnx(model, images, workdir, settings.precision)
     batch = images.shape[0]
     engine = build_engine(
         onnx_path,

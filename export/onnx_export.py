@@ -359,7 +359,6 @@ def to_onnx(
     calibration: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     calibration_method: str = "minmax",
     per_channel: bool = True,
-    symmetric_activations: bool = False,
 ) -> Path:
     """Export ``model`` to a single ONNX file at ``path`` and return the path.
 
@@ -384,8 +383,9 @@ def to_onnx(
     (:data:`~fastmlr.export.validation.TOLERANCES`). ``int8`` calibrates its ranges on
     ``calibration`` (a directory or image files; default: the packaged COCO photos, with a warning)
     with ``calibration_method`` (``minmax``, ``entropy``, ``percentile``), weights per output channel
-    with ``per_channel``; its validation images leave out those used for calibration.
-    ``symmetric_activations=True`` writes the signed zero-point-0 form TensorRT needs.
+    with ``per_channel``; its validation images leave out those used for calibration. Its activations
+    are signed with zero point 0, the form TensorRT builds and ONNX Runtime runs (on the CPU through
+    :func:`~fastmlr.export.precision.fold_relu_into_uint8`, which is what is validated there).
 
     Bad input raises ``ValueError`` (image size not a multiple of 32, opset outside
     ``MIN_OPSET..MAX_TORCHSCRIPT_OPSET`` or below what the graph needs, unwritable directory, unknown
@@ -411,8 +411,7 @@ def to_onnx(
         if precision != "fp32":
             converted = Path(staging) / f"{precision}-{out.name}"
             convert_precision(staged, converted, precision, image_size=image_size, calibration=calibration_set,
-                              calibration_method=calibration_method, per_channel=per_channel,
-                              symmetric_activations=symmetric_activations)
+                              calibration_method=calibration_method, per_channel=per_channel)
             staged = converted
             if validate:
                 # INT8 ranges fit the calibration images; uniform noise lies outside them and is clipped, so

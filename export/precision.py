@@ -4,14 +4,14 @@ Precision lives in the graph, which is what ONNX Runtime (CPU, CUDA) and strongl
 networks (the only kind TensorRT 11 builds) both read:
 
 - ``"int8"``: ONNX Runtime's static quantizer (``onnxruntime.quantization.quantize_static``) inserts
-  QuantizeLinear/DequantizeLinear pairs on the inputs and outputs of every Conv, MatMul and Gemm, with
-  activation ranges calibrated on real images (``minmax``, ``entropy`` or ``percentile``, per tensor)
-  and weights signed and symmetric, per output channel (or per tensor). Activations are uint8 with a
-  zero point by default, the form ONNX Runtime's CPU provider fuses into integer convolutions (a
-  ReLU folds into the zero point); ``symmetric_activations=True`` writes signed, zero-point-0
-  activations, the only INT8 Q/DQ TensorRT builds. On this project's x86 CPU the signed form ran no
-  faster than float32 in ONNX Runtime (each ReLU stays a float op between a DQ and a Q, and the
-  convolutions after it are not fused), hence two forms (``bench/results``).
+  QuantizeLinear/DequantizeLinear pairs around every Conv, MatMul and Gemm and the backbone's
+  additions, activations and max-pools (:func:`quantized_nodes`), with activation ranges calibrated
+  on real images (``minmax``, ``entropy`` or ``percentile``, per tensor) and weights per output
+  channel (or per tensor). Activations and weights are signed with zero point 0: the only INT8 Q/DQ
+  TensorRT builds, so one file serves TensorRT and ONNX Runtime. ONNX Runtime's CPU provider fuses
+  integer convolutions only where a ReLU disappears into a uint8 zero point, so
+  :func:`precision_session` opens an INT8 graph on the CPU through :func:`fold_relu_into_uint8`,
+  which moves each ReLU into the uint8 QuantizeLinear after it; the graph on disk is unchanged.
 - ``"fp16"`` / ``"bf16"``: NVIDIA ModelOpt's AutoCast (``modelopt.onnx.autocast``) converts the
   floating nodes and their weights to the low type and inserts Cast nodes at the region's borders;
   the graph's inputs and outputs stay float32.
@@ -49,6 +49,15 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: Ops whose inputs get Q/DQ pairs: the arithmetic that dominates every model's cost.
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+#: Backbone ops that also get Q/DQ pairs, so that the trunk stays INT8 from one convolution to the
+#: next: without them a residual Add reads float32, so the convolution before it (the last of every
+#: block, and every projection shortcut) cannot end in a QuantizeLinear and ONNX Runtime runs it as a
+#: float32 convolution between a DequantizeLinear and a QuantizeLinear. With them, ONNX Runtime's CPU
+#: provider fuses every backbone Conv into a QLinearConv and every Add into a QLinearAdd, and a uint8
+#: zero point of 0 absorbs the ReLU (or ReLU6's Clip) before it; ResNet-101 at 448 px keeps 1
+#: QuantizeLinear and 1 DequantizeLinear of 139 (``bench/results/precision_cpu.md``). Only the
+#: backbone's: heads keep float32 additions and activations, where a per-tensor range would be coarse.
+TRUNK_OP_TYPES = ("Add", "Relu", "Clip", "MaxPool")
 #: Outputs that are discrete decisions: no node that computes them from the backbone's features is
 #: converted to a low precision.
 DECISION_OUTPUTS = ("boxes", "indices")
@@ -231,6 +240,14 @@ def decision_nodes(model: onnx.ModelProto) -> list[str]:
     return sorted(upstream | downstream)
 
 
+def quantized_nodes(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> list[str]:
+    """The nodes :func:`quantize_int8` gives Q/DQ pairs: every :data:`QUANTIZED_OP_TYPES` node and every
+    backbone (:data:`BACKBONE_SCOPE`) :data:`TRUNK_OP_TYPES` node, but those named in ``exclude``."""
+    skip = set(exclude)
+    return [n.name for n in model.graph.node if n.name not in skip and (
+        n.op_type in QUANTIZED_OP_TYPES or (n.op_type in TRUNK_OP_TYPES and BACKBONE_SCOPE in n.name))]
+
+
 class _Reader:
     """The ``CalibrationDataReader`` protocol over a list of input batches."""
 
@@ -249,14 +266,13 @@ def quantize_int8(
     method: str = "minmax",
     per_channel: bool = True,
     exclude: Sequence[str] = (),
-    symmetric_activations: bool = False,
 ) -> None:
     """Write the INT8 Q/DQ form of the float32 ``model`` to ``out_path`` (ONNX Runtime's static
-    quantizer, QDQ format): Q/DQ pairs on the inputs of every Conv/MatMul/Gemm but the nodes named in
-    ``exclude``, activation ranges from running ``calibration`` through the graph with ``method``,
+    quantizer, QDQ format): Q/DQ pairs on the inputs of the :func:`quantized_nodes` (every Conv, MatMul
+    and Gemm, and the backbone's Add, ReLU, Clip and MaxPool) but the nodes named in ``exclude``,
+    activation ranges from running ``calibration`` through the graph with ``method``,
     activations per tensor, weights signed and symmetric per output channel (``per_channel``) or per
-    tensor. Activations are uint8 with a zero point, or int8 with zero point 0 with
-    ``symmetric_activations`` (see :func:`convert_precision`)."""
+    tensor. Activations, like weights, are int8 with zero point 0 (see :func:`convert_precision`)."""
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as err:
@@ -266,11 +282,11 @@ def quantize_int8(
     input_name = model.graph.input[0].name
     quantize_static(
         model, os.fspath(out_path), _Reader(input_name, calibration.batches),
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=per_channel,
-        activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-        weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=[*QUANTIZED_OP_TYPES, *TRUNK_OP_TYPES],
+        nodes_to_quantize=quantized_nodes(model, exclude), per_channel=per_channel,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
         calibrate_method=methods[check_calibration_method(method)],
-        extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
 
 
@@ -316,11 +332,145 @@ def set_graph_precision(model: onnx.ModelProto, precision: str) -> None:
 
 
 def uint8_activations(model: onnx.ModelProto) -> list[str]:
-    """Names of the QuantizeLinear nodes that quantize to uint8 (ONNX Runtime's asymmetric CPU form),
-    which TensorRT does not build: its INT8 Q/DQ is signed with zero point 0."""
+    """Names of the QuantizeLinear nodes that quantize to uint8 (ONNX Runtime's CPU form, see
+    :func:`fold_relu_into_uint8`), which TensorRT does not build: its INT8 Q/DQ is signed with zero
+    point 0."""
     zero_points = {init.name: init.data_type for init in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
             and zero_points.get(n.input[2]) == TensorProto.UINT8]
+
+
+def _is_zero_point(tensor: onnx.TensorProto | None, data_type: int) -> bool:
+    return tensor is not None and tensor.data_type == data_type and not numpy_helper.to_array(tensor).any()
+
+
+def _relu6_ceiling(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                   initializers: dict[str, onnx.TensorProto]) -> float | None:
+    """``c`` when ``node`` is ``Clip(x, 0, c)`` with constant bounds (a ReLU6), else ``None``."""
+    def constant(name: str) -> np.ndarray | None:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        source = producers.get(name)
+        if source is not None and source.op_type == "Constant" and source.attribute[0].name == "value":
+            return numpy_helper.to_array(source.attribute[0].t)
+        return None
+
+    if node.op_type != "Clip" or len(node.input) != 3:
+        return None
+    low, high = constant(node.input[1]), constant(node.input[2])
+    return float(high) if low is not None and high is not None and float(low) == 0 else None
+
+
+def fold_relu_into_uint8(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, an INT8 graph's signed zero-point-0 activations of ReLU (and ReLU6) outputs to
+    uint8 with zero point 0, dropping the ReLU; return how many ReLUs (and max-pools of their outputs)
+    were folded.
+
+    ONNX Runtime's CPU provider fuses ``DQ → Conv → Q`` into an integer convolution, but a ReLU
+    between the convolution and its QuantizeLinear (TensorRT's form: ``Conv → Q → DQ → ReLU → Q``)
+    blocks the fusion, so the signed graph runs at about float32's speed there. A uint8
+    QuantizeLinear with zero point 0 clamps negative inputs to 0, which is the ReLU, so each
+    ``Q_a → DQ_a → ReLU → Q_b`` becomes ``Q_b`` in uint8 on the pre-activation tensor, and a MaxPool
+    of such a tensor keeps uint8. With the same scale, the values are unchanged for inputs within
+    ``Q_b``'s calibrated range ``[0, 127·scale]``, apart from the dropped requantization through
+    ``Q_a`` (one rounding less); inputs beyond it saturate at ``255·scale`` rather than
+    ``127·scale``. A ReLU6 (``Clip(x, 0, c)``) whose ``255·scale`` exceeds ``c`` gets the scale
+    ``c / 255`` instead, so that saturation is its clip: finer steps than the signed graph's (the
+    int32 biases of the convolutions reading it follow the new input scale). Every other signed
+    activation moves to uint8 with zero point 128, which represents the same values. ResNet-101 at
+    448 px and MobileNetV2 then run every Conv as a QLinearConv and every residual Add as a QLinearAdd
+    (``bench/results/precision_cpu.md``; ``tests/test_export_precision.py``)."""
+    graph = model.graph
+    producers = _producers(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {init.name: init for init in graph.initializer}
+
+    def sole_consumer(node: onnx.NodeProto | None, op_type: str) -> onnx.NodeProto | None:
+        users = consumers.get(node.output[0], []) if node is not None else []
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def producer(name: str, op_type: str) -> onnx.NodeProto | None:
+        node = producers.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def initializer(name: str, array: np.ndarray) -> str:
+        if name not in initializers:
+            initializers[name] = numpy_helper.from_array(array, name)
+            graph.initializer.append(initializers[name])
+        return name
+
+    def retype(quantize: onnx.NodeProto, dequantizers: list[onnx.NodeProto], zero: int) -> None:
+        replaced.add(quantize.input[2])
+        shape = numpy_helper.to_array(initializers[quantize.input[2]]).shape
+        unsigned = initializer(f"{quantize.input[2]}_uint8_{zero}", np.full(shape, zero, np.uint8))
+        for node in (quantize, *dequantizers):
+            node.input[2] = unsigned
+
+    dropped, replaced, retyped = set(), set(), 0
+    for quantize in list(graph.node):  # topological order: a MaxPool's input is retyped before it
+        zero_point = initializers.get(quantize.input[2]) if quantize.op_type == "QuantizeLinear" and len(
+            quantize.input) > 2 else None
+        dequantizers = consumers.get(quantize.output[0], []) if zero_point is not None else []
+        if not _is_zero_point(zero_point, TensorProto.INT8) or not dequantizers or any(
+                d.op_type != "DequantizeLinear" or d.input[1:] != quantize.input[1:] for d in dequantizers):
+            continue
+        activation, scale = producers.get(quantize.input[0]), initializers.get(quantize.input[1])
+        ceiling = _relu6_ceiling(activation, producers, initializers) if activation is not None else None
+        pool_input = producer(activation.input[0], "DequantizeLinear") if activation is not None and (
+            activation.op_type == "MaxPool") else None
+        if (activation is not None and (activation.op_type == "Relu" or ceiling is not None)
+                and sole_consumer(activation, "QuantizeLinear") is quantize and scale is not None):
+            source, folded = activation.input[0], {activation.name}
+            dq_a = producer(source, "DequantizeLinear")
+            q_a = producer(dq_a.input[0], "QuantizeLinear") if dq_a is not None else None
+            if sole_consumer(dq_a, activation.op_type) is activation and sole_consumer(q_a, "DequantizeLinear") is dq_a:
+                source, folded = q_a.input[0], folded | {dq_a.name, q_a.name}
+                replaced.update(q_a.input[1:])
+            quantize.input[0] = source
+            dropped |= folded
+            if ceiling is not None and 255 * float(numpy_helper.to_array(scale).max()) > ceiling:
+                ratio = float(numpy_helper.to_array(scale).max()) / (ceiling / 255)
+                replaced.add(quantize.input[1])
+                rescaled = initializer(f"{quantize.input[1]}_relu6",
+                                       np.full(numpy_helper.to_array(scale).shape, ceiling / 255, np.float32))
+                for node in (quantize, *dequantizers):
+                    node.input[1] = rescaled
+                # An int32 bias is quantized at input scale × weight scale: follow the new input scale.
+                for user in (u for d in dequantizers for u in consumers.get(d.output[0], [])):
+                    bias = producer(user.input[2], "DequantizeLinear") if user.op_type in ("Conv", "Gemm") and len(
+                        user.input) > 2 and user.input[0] in {d.output[0] for d in dequantizers} else None
+                    if bias is None or bias.input[0] not in initializers or bias.input[1] not in initializers:
+                        continue
+                    replaced.update(bias.input[:2])
+                    values = numpy_helper.to_array(initializers[bias.input[0]]).astype(np.float64) * ratio
+                    bias.input[0] = initializer(f"{bias.input[0]}_relu6", np.clip(
+                        np.round(values), -2**31, 2**31 - 1).astype(np.int32))
+                    bias.input[1] = initializer(f"{bias.input[1]}_relu6", (
+                        numpy_helper.to_array(initializers[bias.input[1]]) / ratio).astype(np.float32))
+        elif pool_input is None or not _is_zero_point(initializers.get(pool_input.input[2]), TensorProto.UINT8):
+            continue
+        retype(quantize, dequantizers, 0)
+        retyped += 1
+    for quantize in list(graph.node):  # every other signed activation: the same values, shifted by 128
+        zero_point = initializers.get(quantize.input[2]) if quantize.op_type == "QuantizeLinear" and len(
+            quantize.input) > 2 else None
+        dequantizers = consumers.get(quantize.output[0], []) if zero_point is not None else []
+        if (_is_zero_point(zero_point, TensorProto.INT8) and dequantizers
+                and all(d.op_type == "DequantizeLinear" and d.input[2] == quantize.input[2] for d in dequantizers)):
+            retype(quantize, dequantizers, 128)
+    kept = [n for n in graph.node if n.name not in dropped]
+    used = {name for node in kept for name in node.input}
+    used |= {out.name for out in graph.output}
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]  # a ReLU6's bounds
+    del graph.node[:]
+    graph.node.extend(kept)
+    live = [init for init in graph.initializer if init.name in used or init.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return retyped
 
 
 def convert_precision(
@@ -332,15 +482,13 @@ def convert_precision(
     calibration: CalibrationSet | None = None,
     calibration_method: str = "minmax",
     per_channel: bool = True,
-    symmetric_activations: bool = False,
 ) -> list[str]:
     """Write the ``precision`` form of the float32 graph at ``fp32_path`` to ``out_path`` and return the
     names of the nodes kept in float32 as MCAR's decision path (:func:`decision_nodes`).
 
-    ``"int8"`` needs ``calibration`` (:func:`load_calibration`). Its activations are uint8 with a zero
-    point (asymmetric), ONNX Runtime's fast form on x86 CPUs, where a uint8 QuantizeLinear with zero
-    point 0 also does the ReLU before it; ``symmetric_activations=True`` writes int8 with zero point
-    0, the only form TensorRT builds (ONNX Runtime runs it too, without that fusion)."""
+    ``"int8"`` needs ``calibration`` (:func:`load_calibration`). Its activations are int8 with zero
+    point 0, the form TensorRT builds; ONNX Runtime's CPU provider runs it through
+    :func:`fold_relu_into_uint8`."""
     check_precision(precision)
     model = onnx.load(os.fspath(fp32_path))
     fold_initializer_identities(model)
@@ -356,7 +504,7 @@ def convert_precision(
         with tempfile.TemporaryDirectory(prefix="fastmlr-int8-") as scratch:
             quantized = Path(scratch) / "int8.onnx"
             quantize_int8(model, quantized, calibration, method=calibration_method, per_channel=per_channel,
-                          exclude=keep, symmetric_activations=symmetric_activations)
+                          exclude=keep)
             converted = onnx.load(os.fspath(quantized))
     else:
         converted = cast_precision(model, precision, exclude=keep)
@@ -425,7 +573,8 @@ def precision_session(
     path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None, validation: bool = False
 ):  # noqa: ANN201 - an onnxruntime.InferenceSession
     """An ONNX Runtime session (:func:`fastmlr.runtime.ort_session`) on a fastmlr graph of any
-    precision. On the CPU, a bf16 graph is refused (ONNX Runtime has no bf16 convolution there) unless
+    precision. On the CPU, an INT8 graph runs through :func:`fold_relu_into_uint8`; a bf16 graph is
+    refused (ONNX Runtime has no bf16 convolution there) unless
     ``validation``, which runs its :func:`emulation_graph`; an fp16 graph runs, with a warning that it
     is slow (ONNX Runtime's CPU provider computes most fp16 ops through float32 casts) unless
     ``validation``."""
@@ -439,6 +588,10 @@ def precision_session(
                 "run it with TensorRT or ONNX Runtime's CUDA provider, or export int8 (fast on CPUs) or fp32")
         return ort_session(emulation_graph(onnx.load(os.fspath(path))).SerializeToString(), device=device,
                            threads=threads)
+    if device == "cpu" and precision == "int8":
+        model = onnx.load(os.fspath(path))
+        fold_relu_into_uint8(model)
+        return ort_session(model.SerializeToString(), device=device, threads=threads)
     if device == "cpu" and precision == "fp16" and not validation:
         warnings.warn("running an fp16 graph on ONNX Runtime's CPU provider, which computes most fp16 ops through "
                       "float32 casts: expect it slower than fp32; fp16 graphs are for GPUs (TensorRT, CUDA), "

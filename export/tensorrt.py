@@ -163,14 +163,14 @@ def network_flags(trt) -> int:  # noqa: ANN001 - the tensorrt module
 def check_engine_graph(onnx_model: str | os.PathLike | onnx.ModelProto) -> str:
     """The graph's precision, once the graph is one TensorRT builds as a strongly typed network:
     ``ValueError`` for an INT8 graph with uint8 activations (ONNX Runtime's CPU form; TensorRT's INT8
-    Q/DQ is signed with zero point 0: export with ``symmetric_activations=True``)."""
+    Q/DQ is signed with zero point 0, as :func:`fastmlr.export.to_onnx` writes it)."""
     model = load_onnx(onnx_model)
     unsigned = uint8_activations(model)
     if unsigned:
         raise ValueError(
             f"this INT8 graph quantizes activations to uint8 ({len(unsigned)} QuantizeLinear nodes, e.g. "
-            f"{unsigned[0]!r}), ONNX Runtime's CPU form; TensorRT builds only signed, zero-point-0 INT8: export "
-            "with to_onnx(..., precision='int8', symmetric_activations=True)")
+            f"{unsigned[0]!r}), ONNX Runtime's CPU form; TensorRT builds only signed, zero-point-0 INT8: build "
+            "from the graph to_onnx(..., precision='int8') writes, not from a graph rewritten for the CPU")
     return graph_precision(model)
 
 
@@ -399,7 +399,7 @@ def export_engine(
     with staging_directory(out) as staging:
         onnx_path = to_onnx(model, Path(staging) / "model.onnx", image_size=image_size, batch=opt_batch,
                             dynamic_batch=min_batch != max_batch, opset=opset, images=images, precision=precision,
-                            calibration=calibration, symmetric_activations=True)
+                            calibration=calibration)
         return engine_from_onnx(onnx_path, model, out, image_size=image_size, precision=precision,
                                 min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                                 workspace_gb=workspace_gb, images=images, cache_dir=cache_dir)

@@ -164,8 +164,7 @@ def _write_model_version(
     version_dir = model_dir / str(version)
     with staging_directory(model_dir / "config.pbtxt") as staging:
         onnx_path = to_onnx(model, Path(staging) / "model.onnx", image_size=image_size, batch=max_batch_size,
-                            dynamic_batch=True, opset=opset, images=images, precision=precision,
-                            symmetric_activations=True)
+                            dynamic_batch=True, opset=opset, images=images, precision=precision)
         inputs, outputs = tensor_specs(onnx_path)
         version_dir.mkdir(exist_ok=True)
         if platform == "plan":
@@ -174,6 +173,12 @@ def _write_model_version(
             engine_from_onnx(onnx_path, model, version_dir / file_name, image_size=image_size,
                              precision=precision, min_batch=1, opt_batch=max_batch_size,
                              max_batch=max_batch_size, images=images)
+        elif precision == "int8":  # ONNX Runtime's backend reads the file as it is: give it the CPU form
+            from .precision import fold_relu_into_uint8
+
+            graph = onnx.load(os.fspath(onnx_path))
+            fold_relu_into_uint8(graph)
+            onnx.save(graph, os.fspath(version_dir / file_name))
         else:
             os.replace(onnx_path, version_dir / file_name)
         config = Path(staging) / "config.pbtxt"

@@ -23,6 +23,7 @@ from fastmlr.export.precision import (
     convert_precision,
     decision_nodes,
     emulation_graph,
+    fold_relu_into_uint8,
     graph_precision,
     load_calibration,
     precision_session,
@@ -117,7 +118,7 @@ def test_int8_export_validates_on_held_out_images(baseline, tmp_path) -> None:
     graph = onnx.load(out)
     assert graph_precision(graph) == "int8"
     assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 10
-    assert uint8_activations(graph)  # ONNX Runtime's CPU form
+    assert not uint8_activations(graph)  # TensorRT's form; ONNX Runtime's CPU form is made on loading
     assert reports[0].ok and reports[0].tolerance == 0.15
     assert reports[0].end_to_end.images == 1  # the COCO photo was a calibration image: left out
     session = precision_session(out)
@@ -125,15 +126,96 @@ def test_int8_export_validates_on_held_out_images(baseline, tmp_path) -> None:
     assert probs.shape == (1, 10) and np.isfinite(probs).all()
 
 
-def test_int8_for_tensorrt_is_signed_and_symmetric(mcar_fp32, calibration, tmp_path) -> None:
+def test_int8_graph_is_signed_and_symmetric(mcar_fp32, calibration, tmp_path) -> None:
     _, fp32 = mcar_fp32
     out = tmp_path / "int8.onnx"
-    convert_precision(fp32, out, "int8", image_size=SIZE, calibration=calibration, symmetric_activations=True)
+    convert_precision(fp32, out, "int8", image_size=SIZE, calibration=calibration)
     graph = onnx.load(out)
     assert uint8_activations(graph) == []
     zero_points = {i.name: i for i in graph.graph.initializer}
     quantizers = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert quantizers and all(not numpy_helper.to_array(zero_points[n.input[2]]).any() for n in quantizers)
+
+
+def activation_graph(activation: onnx.NodeProto | None, scale: float) -> onnx.ModelProto:
+    """``x → activation → Q(int8, zero point 0, scale) → DQ → y``, TensorRT's form of a quantized ReLU."""
+    nodes = [activation] if activation is not None else []
+    source = activation.output[0] if activation is not None else "x"
+    nodes += [helper.make_node("QuantizeLinear", [source, "s", "zp"], ["q"], name="quant"),
+              helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], name="dequant")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
+        [numpy_helper.from_array(np.float32(scale), "s"), numpy_helper.from_array(np.int8(0), "zp"),
+         numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_graph(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    from fastmlr.runtime import ort_session
+
+    return ort_session(model.SerializeToString(), optimization="disabled").run(None, {"x": x})[0]
+
+
+def test_relu_folds_into_a_uint8_zero_point() -> None:
+    scale = 0.05
+    x = np.linspace(-8, 127 * scale, 64, dtype=np.float32)  # within the calibrated range [0, 127·scale]
+    signed = activation_graph(helper.make_node("Relu", ["x"], ["r"], name="relu"), scale)
+    folded = activation_graph(helper.make_node("Relu", ["x"], ["r"], name="relu"), scale)
+    assert fold_relu_into_uint8(folded) == 1
+    assert [n.op_type for n in folded.graph.node] == ["QuantizeLinear", "DequantizeLinear"]
+    assert uint8_activations(folded) == ["quant"]
+    np.testing.assert_array_equal(run_graph(folded, x), run_graph(signed, x))
+    beyond = np.full(64, 200 * scale, np.float32)  # saturates at 255·scale instead of 127·scale
+    assert run_graph(folded, beyond)[0] == pytest.approx(200 * scale) and run_graph(signed, beyond)[0] == pytest.approx(
+        127 * scale)
+
+
+def test_relu6_folds_with_its_ceiling_as_the_uint8_range() -> None:
+    x = np.linspace(-3, 12, 64, dtype=np.float32)
+    folded = activation_graph(helper.make_node("Clip", ["x", "lo", "hi"], ["r"], name="relu6"), 6 / 127)
+    assert fold_relu_into_uint8(folded) == 1 and [n.op_type for n in folded.graph.node] == [
+        "QuantizeLinear", "DequantizeLinear"]
+    y = run_graph(folded, x)
+    assert np.abs(y - np.clip(x, 0, 6)).max() <= 6 / 255 / 2 + 1e-6 and y.max() == pytest.approx(6)
+
+
+def test_other_signed_activations_shift_to_uint8_exactly() -> None:
+    x = np.linspace(-127 * 0.05, 127 * 0.05, 64, dtype=np.float32)
+    signed, shifted = activation_graph(None, 0.05), activation_graph(None, 0.05)
+    assert fold_relu_into_uint8(shifted) == 0  # no ReLU folded: the zero point moves to 128
+    assert uint8_activations(shifted) == ["quant"]
+    np.testing.assert_array_equal(run_graph(shifted, x), run_graph(signed, x))
+
+
+def test_cpu_form_runs_every_backbone_convolution_in_int8(baseline, tmp_path) -> None:
+    """The signed INT8 graph, as :func:`precision_session` opens it on the CPU, leaves no float
+    convolution, ReLU6 or residual Add in ONNX Runtime's optimised graph, and computes what the
+    signed graph computes up to the ranges it widens."""
+    import onnxruntime as ort
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = to_onnx(baseline, tmp_path / "int8.onnx", image_size=SIZE, precision="int8", validate=False)
+    graph = onnx.load(out)
+    convolutions = sum(n.op_type == "Conv" for n in graph.graph.node)
+    fold_relu_into_uint8(graph)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert optimized.count("QLinearConv") == convolutions and optimized.count("QLinearAdd") == 10  # mobilenet_v2
+    assert not {"Conv", "Clip", "Relu", "Add"} & set(optimized)
+    from fastmlr.runtime import ort_session
+
+    photos = [b for _, b in image_batches(find_images(None), SIZE, 1)]
+    with torch.no_grad():
+        reference = [baseline(b).numpy() for b in photos]
+    drift = {}
+    for form, session in (("signed", ort_session(out)), ("cpu", precision_session(out))):
+        drift[form] = max(np.abs(session.run(None, {"images": b.numpy()})[0] - r).max()
+                          for b, r in zip(photos, reference, strict=True))
+    assert drift["cpu"] <= drift["signed"] + 0.01
 
 
 def test_mcar_decision_path_stays_float32(mcar_fp32, calibration, tmp_path) -> None:
@@ -146,8 +228,16 @@ def test_mcar_decision_path_stays_float32(mcar_fp32, calibration, tmp_path) -> N
     assert not any("/features/" in n for n in keep)
     out = tmp_path / "int8.onnx"
     convert_precision(fp32, out, "int8", image_size=SIZE, calibration=calibration)
-    dequantized = dequantized_inputs(onnx.load(out))
-    assert all(dequantized[n] == 0 for n in keep if n in dequantized)
+    graph = onnx.load(out)
+    dequantized = dequantized_inputs(graph)
+    # No decision node computes on quantized weights; at most its input is the backbone's INT8 output.
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    weights = {i.name for i in graph.graph.initializer}
+    quantized_weights = {n.name for n in graph.graph.node if any(
+        producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" and producers[i].input[0] in weights
+        for i in n.input)}
+    assert not keep & quantized_weights
+    assert all(dequantized[n] <= 1 for n in keep if n in dequantized)
     assert dequantized["/convclass_2/Conv"] == 3  # the local stream's classifier is quantized
     backbone_convs = [n for n, op in ops.items() if op == "Conv" and "/features/" in n]
     assert all(dequantized[n] >= 2 for n in backbone_convs)
