@@ -48,6 +48,16 @@ def coco_tree(tmp_path_factory):
     return root, ann_file, checkpoint
 
 
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread for the test: on a loaded 2-core machine its two OpenMP threads wait on each
+    other (the MCAR int8 test took 73 s with two threads and 27 s with one, at load average 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(argv, capsys):
     code = main(argv)
     captured = capsys.readouterr()
@@ -84,7 +94,7 @@ def test_evaluate_coco_eager_matches_direct_computation(coco_tree, tmp_path, cap
     assert "eager" in stdout and "top-3" in stdout and f"{expected['mAP']:.2f}" in stdout
 
 
-def test_evaluate_onnxruntime_compared_with_eager(coco_tree, tmp_path, capsys):
+def test_evaluate_onnxruntime_compared_with_eager(coco_tree, tmp_path, capsys, one_torch_thread):
     root, _, checkpoint = coco_tree
     out = tmp_path / "onnx.json"
     with pytest.warns(UserWarning, match="skipping unreadable image"):
@@ -118,16 +128,6 @@ def int8_model(name: str, **options) -> nn.Module:
     batch = torch.cat([b for _, b in image_batches(photos, 64, len(photos))])
     return condition_for_low_precision(create_model(name, **{**SMALL_MODEL, **options}), batch, shift_std=2.0,
                                        logit_std=0.5)
-
-
-@pytest.fixture
-def one_torch_thread():
-    """PyTorch on one thread for the test: on a loaded 2-core machine its two OpenMP threads wait on each
-    other (the MCAR int8 test took 73 s with two threads and 27 s with one, at load average 4)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_evaluate_spied(argv, capsys, monkeypatch):
