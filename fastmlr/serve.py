@@ -54,6 +54,10 @@ INPUT_NAME = "images"
 OUTPUT_TYPES = {"probs": np.float32, "boxes": np.int64, "indices": np.int64}
 BACKENDS = ("eager", "onnxruntime", "trt", "torch-trt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: How long Triton's dynamic batcher holds a request for more to batch with it. None: the one model
+#: instance is busy for a whole execution, and the requests that arrive meanwhile form the next batch
+#: anyway; a delay would only add to every request's latency when requests come one at a time.
+MAX_QUEUE_DELAY_US = 0
 #: The file beside ``model.py`` that tells the Python backend what to load (a :class:`ServedModel`).
 SPEC_FILE = "fastmlr.json"
 SERVE_MISSING = 'Triton Inference Server is not installed: pip install -e ".[serve]" (the nvidia-pytriton wheel)'
@@ -166,15 +170,18 @@ def prepare(
 def open_runner(served: ServedModel) -> Runner:
     """The runner of ``served``: the PyTorch model (``eager``, CPU), an ONNX Runtime session on the graph
     (:func:`fastmlr.export.precision.precision_session`, which opens it through
-    :func:`fastmlr.runtime.ort_session`; CPU), :class:`fastmlr.export.TRTRunner` on the engine, or the
-    torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`."""
+    :func:`fastmlr.runtime.ort_session`; CPU; intra-op threads that sleep rather than spin when out of
+    work, :func:`fastmlr.runtime.intra_op_spinning`), :class:`fastmlr.export.TRTRunner` on the engine,
+    or the torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`."""
     import torch
 
     names = [name for name, _ in served.outputs]
     if served.backend == "onnxruntime":
         from fastmlr.export.precision import precision_session
+        from fastmlr.runtime import intra_op_spinning
 
-        session = precision_session(served.artifact)
+        with intra_op_spinning(False):  # the server's own threads (and local clients) share these cores
+            session = precision_session(served.artifact)
 
         def run_session(images: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
@@ -299,10 +306,13 @@ class TritonPythonModel:
         return responses
 
 
-def write_repository(served: ServedModel, repository: str | os.PathLike, *, max_queue_delay_us: int = 100) -> Path:
-    """``<repository>/<name>/config.pbtxt`` (Python backend, ``max_batch_size``, dynamic batching, the
-    input ``images`` FP32 ``[3, S, S]``, the outputs), ``1/model.py`` and ``1/fastmlr.json`` (the
-    :class:`ServedModel`); returns the model's directory."""
+def write_repository(
+    served: ServedModel, repository: str | os.PathLike, *, max_queue_delay_us: int = MAX_QUEUE_DELAY_US
+) -> Path:
+    """``<repository>/<name>/config.pbtxt`` (Python backend, ``max_batch_size``, dynamic batching that
+    waits up to ``max_queue_delay_us`` for more requests, the input ``images`` FP32 ``[3, S, S]``, the
+    outputs), ``1/model.py`` and ``1/fastmlr.json`` (the :class:`ServedModel`); returns the model's
+    directory."""
     from fastmlr.export.triton_server import TensorSpec, triton_config
 
     types = {"probs": "TYPE_FP32", "boxes": "TYPE_INT64", "indices": "TYPE_INT64"}
