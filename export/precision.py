@@ -458,7 +458,7 @@ def fold_relu_into_uint8(model: onnx.ModelProto) -> int:
         zero_point = initializers.get(quantize.input[2]) if quantize.op_type == "QuantizeLinear" and len(
             quantize.input) > 2 else None
         dequantizers = consumers.get(quantize.output[0], []) if zero_point is not None else []
-        if (_is_zero_point(zero_point, TensorProto.INT8) and dequantizers
+        if (quantize.name not in dropped and _is_zero_point(zero_point, TensorProto.INT8) and dequantizers
                 and all(d.op_type == "DequantizeLinear" and d.input[2] == quantize.input[2] for d in dequantizers)):
             retype(quantize, dequantizers, 128)
     kept = [n for n in graph.node if n.name not in dropped]
