@@ -37,7 +37,7 @@ import fastmlr
 from bench.environment import capture_environment, describe_machine
 from bench.timing import interleaved, summarize
 from bench.writers import check_result_files, markdown_table, write_json_and_markdown
-from fastmlr.testing import condition_for_low_precision
+from fastmlr.testing import LOW_PRECISION_CONDITIONING, condition_for_low_precision
 
 #: Speed targets: (what, model, precision, reference model, reference precision, bound, sense).
 TARGETS = (
@@ -55,7 +55,8 @@ def build_model(name: str, backbone: str, size: int, seed: int) -> torch.nn.Modu
     torch.manual_seed(seed)
     model = fastmlr.create_model(name, backbone=backbone, num_classes=80, image_size=size)
     photos = find_images(DEFAULT_IMAGES_DIR)
-    return condition_for_low_precision(model, torch.cat([b for _, b in image_batches(photos, size, len(photos))]))
+    batch = torch.cat([b for _, b in image_batches(photos, size, len(photos))])
+    return condition_for_low_precision(model, batch, **LOW_PRECISION_CONDITIONING)
 
 
 def reference_outputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:

@@ -34,7 +34,7 @@ from fastmlr.export.validation import find_images, image_batches
 from onnx import TensorProto, helper, numpy_helper
 
 import fastmlr
-from fastmlr.testing import condition_for_low_precision, stand_in_label_graph
+from fastmlr.testing import LOW_PRECISION_CONDITIONING, condition_for_low_precision, stand_in_label_graph
 
 SIZE = 64
 requires_autocast = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
@@ -341,7 +341,7 @@ def test_cli_export_int8_options(tmp_path, capsys) -> None:
 #: N(0, 2²); fp16: none, logits unscaled) Deep-LIFT and ML-GCN failed both precisions (int8 0.22 and
 #: 0.20, fp16 0.028 and 0.023): the backbone's drift, as large with only the backbone converted, at
 #: most 0.062 (int8) and 0.002 (fp16) with only the head converted.
-FIXTURE_CONDITIONING = {"shift_mean": 1.5, "shift_std": 0.5, "logit_std": 2.0}
+FIXTURE_CONDITIONING = LOW_PRECISION_CONDITIONING
 
 
 @pytest.mark.slow  # 30 s to 4 min a pair on a loaded 2-core machine (LCE and MCAR the slowest)
