@@ -34,7 +34,7 @@ from fastmlr.export.validation import DEFAULT_IMAGES_DIR, find_images, image_bat
 from fastmlr.kernels import use_backend
 
 import fastmlr
-from bench.environment import capture_environment, describe_machine
+from bench.environment import capture_environment, describe_machine, run_conditions
 from bench.timing import interleaved, summarize
 from bench.writers import check_result_files, markdown_table, write_json_and_markdown
 from fastmlr.testing import LOW_PRECISION_CONDITIONING, condition_for_low_precision
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
                                 "validation": reports[0].summary() if reports else None})
                 print(f"{name} {precision}: {agree.describe()}", flush=True)
                 calls[f"{name}/{precision}"] = (lambda s: lambda: s.run(None, {INPUT_NAME: x}))(session)
+        start = run_conditions()
         times = interleaved(calls, args.rounds, "perf_counter")
+        conditions = {"start": start, "end": run_conditions()}
     results = []
     agreements = [a for a in agreements if f"{a['model']}/{a['precision']}" in times]
     for key, samples in times.items():
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                    "calibration": str(DEFAULT_CALIBRATION_DIR.relative_to(DEFAULT_IMAGES_DIR.parent.parent)),
                    "held_out_images": len(held_out), "validated": args.validate},
         "results": results, "agreement": agreements, "targets": targets, "exports": exports,
+        "run_conditions": conditions,
     }
     write_json_and_markdown(report, args.out, markdown(report))
     print(markdown(report))
@@ -169,6 +172,11 @@ def markdown(report: dict) -> str:
         f"the {cfg['calibration']} photos, agreement with the float32 PyTorch model on the "
         f"{cfg['held_out_images']} held-out VOC photos. GPU (TensorRT fp16/int8, ONNX Runtime CUDA): not measured."
     )
+    conditions = report.get("run_conditions")
+    if conditions:
+        loads = [", ".join(f"{x:.1f}" for x in conditions[k]["load_average"]) for k in ("start", "end")]
+        header += (f" Load average (1, 5, 15 min) on {conditions['start']['cpu_count']} CPUs while timing: "
+                   f"{loads[0]} at {conditions['start']['utc']}, {loads[1]} at {conditions['end']['utc']}.")
     checks = markdown_table(["model", "precision", "export"],
                             [[e["model"], e["precision"], e.get("error") or ("validated" if e["validated"] else
                                                                                "not validated (--validate)")]
