@@ -5,8 +5,7 @@ One model (default: the baseline, mobilenet_v2, 224×224, ONNX Runtime, max batc
 loopback ports (:func:`fastmlr.serve.serving`); the in-process runner is :func:`fastmlr.serve.open_runner`
 on the very artifact the server loaded. For each concurrency c (1, 2, 4, 8, 16) the script times, in
 turn: the in-process runner at batch c, then c tritonclient HTTP clients, then c gRPC clients, each
-client sending one image per request back to back for ``--duration`` seconds (at c = 1 with ONNX
-Runtime, first the same graph in a session with ONNX Runtime's default spinning threads). Reported per row: p50 /
+client sending one image per request back to back for ``--duration`` seconds. Reported per row: p50 /
 p90 / p99 latency (per call or request), throughput (images/s), failed requests, and for the server the
 mean batch Triton's dynamic batcher formed (its statistics: inferences / executions). Then a bounded
 soak: ``--soak`` seconds at concurrency 8 (HTTP and gRPC clients alternating), every response compared
@@ -51,7 +50,6 @@ from fastmlr.testing import calibrate_batchnorm
 
 TOLERANCE = 1e-5
 POOL = 32  # distinct images the clients cycle through (and the soak checks against)
-SPINNING_PATH = "in-process, spinning threads"
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float | None]:
@@ -217,18 +215,6 @@ def summarize_row(row: dict) -> dict:
     return summary
 
 
-def spinning_runner(served: serve.ServedModel) -> serve.Runner | None:
-    """For ``onnxruntime``, the served graph in a session with ONNX Runtime's default, spinning intra-op
-    threads (the served runner's sleep when out of work): what the runner's thread setting is worth in
-    process, beside it. ``None`` for the other backends."""
-    if served.backend != "onnxruntime":
-        return None
-    from fastmlr.export.precision import precision_session
-
-    session, names = precision_session(served.artifact), [name for name, _ in served.outputs]
-    return lambda images: dict(zip(names, session.run(names, {serve.INPUT_NAME: images}), strict=True))
-
-
 def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     torch.manual_seed(0)
@@ -242,7 +228,6 @@ def run(args: argparse.Namespace) -> dict:
     ) as server:
         served = serve.read_served(server.repository / args.model)
         runner = serve.open_runner(served)
-        spinning = spinning_runner(served)
         reference = [runner(pool[i : i + 1])["probs"][0] for i in range(POOL)]
         urls = {"http": server.http_url, "grpc": server.grpc_url}
         inputs = {protocol: PoolInputs(protocol, pool) for protocol in urls}
@@ -250,15 +235,12 @@ def run(args: argparse.Namespace) -> dict:
         for round_index in range(args.rounds):  # rounds spread a slow spell of the machine over every row
             for concurrency in args.concurrency:
                 print(f"round {round_index + 1}/{args.rounds}, concurrency {concurrency}", flush=True)
-                parts = {}
-                if spinning is not None and concurrency == 1:  # first: its threads spin on after its last run
-                    parts[SPINNING_PATH] = time_in_process(spinning, pool, concurrency, slice_s)
-                parts["in-process"] = time_in_process(runner, pool, concurrency, slice_s)
+                parts = {"in-process": time_in_process(runner, pool, concurrency, slice_s)}
                 for protocol in ("http", "grpc"):
                     parts[protocol] = time_server(server, protocol, args.model, concurrency, inputs[protocol], slice_s)
                 for path, part in parts.items():
                     merge(rows, {"path": path, "concurrency": concurrency,
-                                 "batch": concurrency if path.startswith("in-process") else 1}, part)
+                                 "batch": concurrency if path == "in-process" else 1}, part)
         rows = [summarize_row(row) for row in rows]
         print(f"soak: {args.soak:.0f} s at concurrency 8", flush=True)
         max_diff = [0.0]
@@ -335,9 +317,7 @@ def render_markdown(result: dict) -> str:
         f"Each row ran {config['duration_s']:.0f} s in {config['rounds']} slices, one per round of the whole sweep "
         "(so a slow spell of the machine is spread over every row). "
         "Server rows: c clients, one image per request, back to back; "
-        "latency per request. In-process rows: the same runner called on batches of c images; latency per call. "
-        "The served ONNX Runtime session's intra-op threads sleep when out of work; the "
-        f"'{SPINNING_PATH}' row is the same graph with ONNX Runtime's default, spinning threads.",
+        "latency per request. In-process rows: the same runner called on batches of c images; latency per call.",
         "",
     ]
     table = []

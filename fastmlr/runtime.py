@@ -3,10 +3,7 @@ optimisation, used by the benchmarks, evaluation, export validation and serving.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,28 +24,6 @@ OPTIMIZATION_LEVELS = {
 }
 
 ONNXRUNTIME_MISSING = 'ONNX Runtime is not installed: pip install -e ".[onnx]"'
-
-#: Whether the sessions :func:`ort_session` opens let idle intra-op threads spin (:func:`intra_op_spinning`).
-_INTRA_OP_SPINNING: ContextVar[bool] = ContextVar("intra_op_spinning", default=True)
-
-
-@contextlib.contextmanager
-def intra_op_spinning(enabled: bool) -> Iterator[None]:
-    """Within the block, :func:`ort_session` opens sessions whose intra-op threads spin (busy-wait for the
-    next parallel section before they sleep: ONNX Runtime's default) or, with ``enabled=False``, sleep as
-    soon as they run out of work (``session.intra_op.allow_spinning = 0``).
-
-    Spinning saves a thread wake-up per operator when the session has the cores to itself. A process
-    that shares its cores with busy threads of other work (a server's own front end and clients, other
-    jobs) runs faster without it: a thread that spins at an operator's barrier holds a core that the
-    thread it waits for, or the next request, needs. A context rather than an argument, so that it
-    reaches :func:`ort_session` through the wrappers that open sessions (``precision_session``).
-    """
-    token = _INTRA_OP_SPINNING.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _INTRA_OP_SPINNING.reset(token)
 
 
 def _onnxruntime():
@@ -78,8 +53,7 @@ def ort_session(
     installed ONNX Runtime has no CUDA provider (rather than silently running on the CPU). ``threads``
     sets the intra-op thread count (``None``: ONNX Runtime's default, one per physical core).
     ``optimization`` is the graph optimisation level: ``"disabled"``, ``"basic"``, ``"extended"`` or
-    ``"all"``. Its intra-op threads spin unless opened inside :func:`intra_op_spinning` ``(False)``. Bad
-    arguments raise ``ValueError``; a missing file ``FileNotFoundError``.
+    ``"all"``. Bad arguments raise ``ValueError``; a missing file ``FileNotFoundError``.
     """
     if device not in PROVIDERS:
         raise ValueError(f"unknown device {device!r}; choose one of {sorted(PROVIDERS)}")
@@ -105,6 +79,4 @@ def ort_session(
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
     if threads is not None:
         options.intra_op_num_threads = threads
-    if not _INTRA_OP_SPINNING.get():
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(source, options, providers=list(PROVIDERS[device]))

@@ -170,18 +170,15 @@ def prepare(
 def open_runner(served: ServedModel) -> Runner:
     """The runner of ``served``: the PyTorch model (``eager``, CPU), an ONNX Runtime session on the graph
     (:func:`fastmlr.export.precision.precision_session`, which opens it through
-    :func:`fastmlr.runtime.ort_session`; CPU; intra-op threads that sleep rather than spin when out of
-    work, :func:`fastmlr.runtime.intra_op_spinning`), :class:`fastmlr.export.TRTRunner` on the engine,
-    or the torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`."""
+    :func:`fastmlr.runtime.ort_session`; CPU), :class:`fastmlr.export.TRTRunner` on the engine, or the
+    torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`."""
     import torch
 
     names = [name for name, _ in served.outputs]
     if served.backend == "onnxruntime":
         from fastmlr.export.precision import precision_session
-        from fastmlr.runtime import intra_op_spinning
 
-        with intra_op_spinning(False):  # the server's own threads (and local clients) share these cores
-            session = precision_session(served.artifact)
+        session = precision_session(served.artifact)
 
         def run_session(images: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))

@@ -112,39 +112,6 @@ def test_eager_runner_matches_the_model(tmp_path: pathlib.Path) -> None:
     np.testing.assert_array_equal(outputs["indices"], stages.indices.numpy())
 
 
-def test_onnxruntime_runner_threads_sleep_rather_than_spin(tmp_path: pathlib.Path, monkeypatch) -> None:
-    """The served session's intra-op threads must not spin between operators and requests: they share
-    the cores with Triton's threads and the clients. Sessions opened elsewhere keep ONNX Runtime's default."""
-    import onnxruntime
-
-    opened = []
-
-    def spinning(options: onnxruntime.SessionOptions) -> str:
-        try:
-            return options.get_session_config_entry("session.intra_op.allow_spinning")
-        except RuntimeError:  # not set: ONNX Runtime's default, spinning
-            return "default"
-
-    class Recording(onnxruntime.InferenceSession):
-        def __init__(self, source, options, *args, **kwargs) -> None:  # noqa: ANN001
-            opened.append(spinning(options))
-            super().__init__(source, options, *args, **kwargs)
-
-    monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)
-    model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE).eval()
-    served = serve.prepare(model, tmp_path, name="baseline", max_batch=2)  # export validation, prepare's check
-    assert opened and set(opened) == {"default"}
-    del opened[:]
-    runner = serve.open_runner(served)
-    from fastmlr.export.precision import precision_session
-
-    precision_session(served.artifact)  # outside the runner: the default again
-    assert opened == ["0", "default"]
-    with torch.no_grad():
-        np.testing.assert_allclose(runner(images(2, 5))["probs"], model(torch.from_numpy(images(2, 5))).numpy(),
-                                   atol=1e-5)
-
-
 # ------------------------------------------------------------------------------------------------
 # The real server
 
