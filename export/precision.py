@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from fastmlr.data import eval_transform, load_image
 
@@ -402,6 +403,38 @@ def fold_relu_into_uint8(model: onnx.ModelProto) -> int:
             graph.initializer.append(initializers[name])
         return name
 
+    def signed_dequantizers(quantize: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The DequantizeLinear nodes of a signed zero-point-0 QuantizeLinear that feeds only them, with
+        its scale and zero point; ``[]`` for any other node."""
+        if quantize.op_type != "QuantizeLinear" or len(quantize.input) < 3 or quantize.name in dropped or not (
+                _is_zero_point(initializers.get(quantize.input[2]), TensorProto.INT8)):
+            return []
+        users = consumers.get(quantize.output[0], [])
+        same = all(d.op_type == "DequantizeLinear" and d.input[1:] == quantize.input[1:] for d in users)
+        return users if same else []
+
+    def rescale_relu6(quantize: onnx.NodeProto, dequantizers: list[onnx.NodeProto], ceiling: float) -> None:
+        """Give a ReLU6's QuantizeLinear the scale ``ceiling / 255``; an int32 bias is quantized at
+        input scale × weight scale, so the biases of the Convs and Gemms reading it follow."""
+        scale = numpy_helper.to_array(initializers[quantize.input[1]])
+        ratio = float(scale.max()) / (ceiling / 255)
+        replaced.add(quantize.input[1])
+        rescaled = initializer(f"{quantize.input[1]}_relu6", np.full(scale.shape, ceiling / 255, np.float32))
+        for node in (quantize, *dequantizers):
+            node.input[1] = rescaled
+        outputs = {d.output[0] for d in dequantizers}
+        for user in (u for name in outputs for u in consumers.get(name, [])):
+            has_bias = user.op_type in ("Conv", "Gemm") and len(user.input) > 2 and user.input[0] in outputs
+            bias = producer(user.input[2], "DequantizeLinear") if has_bias else None
+            if bias is None or bias.input[0] not in initializers or bias.input[1] not in initializers:
+                continue
+            replaced.update(bias.input[:2])
+            values = numpy_helper.to_array(initializers[bias.input[0]]).astype(np.float64) * ratio
+            bias.input[0] = initializer(f"{bias.input[0]}_relu6",
+                                        np.clip(np.round(values), -2**31, 2**31 - 1).astype(np.int32))
+            bias.input[1] = initializer(f"{bias.input[1]}_relu6",
+                                        (numpy_helper.to_array(initializers[bias.input[1]]) / ratio).astype(np.float32))
+
     def retype(quantize: onnx.NodeProto, dequantizers: list[onnx.NodeProto], zero: int) -> None:
         replaced.add(quantize.input[2])
         shape = numpy_helper.to_array(initializers[quantize.input[2]]).shape
@@ -411,11 +444,8 @@ def fold_relu_into_uint8(model: onnx.ModelProto) -> int:
 
     dropped, replaced, retyped = set(), set(), 0
     for quantize in list(graph.node):  # topological order: a MaxPool's input is retyped before it
-        zero_point = initializers.get(quantize.input[2]) if quantize.op_type == "QuantizeLinear" and len(
-            quantize.input) > 2 else None
-        dequantizers = consumers.get(quantize.output[0], []) if zero_point is not None else []
-        if not _is_zero_point(zero_point, TensorProto.INT8) or not dequantizers or any(
-                d.op_type != "DequantizeLinear" or d.input[1:] != quantize.input[1:] for d in dequantizers):
+        dequantizers = signed_dequantizers(quantize)
+        if not dequantizers:
             continue
         activation, scale = producers.get(quantize.input[0]), initializers.get(quantize.input[1])
         ceiling = _relu6_ceiling(activation, producers, initializers) if activation is not None else None
@@ -432,34 +462,14 @@ def fold_relu_into_uint8(model: onnx.ModelProto) -> int:
             quantize.input[0] = source
             dropped |= folded
             if ceiling is not None and 255 * float(numpy_helper.to_array(scale).max()) > ceiling:
-                ratio = float(numpy_helper.to_array(scale).max()) / (ceiling / 255)
-                replaced.add(quantize.input[1])
-                rescaled = initializer(f"{quantize.input[1]}_relu6",
-                                       np.full(numpy_helper.to_array(scale).shape, ceiling / 255, np.float32))
-                for node in (quantize, *dequantizers):
-                    node.input[1] = rescaled
-                # An int32 bias is quantized at input scale × weight scale: follow the new input scale.
-                for user in (u for d in dequantizers for u in consumers.get(d.output[0], [])):
-                    bias = producer(user.input[2], "DequantizeLinear") if user.op_type in ("Conv", "Gemm") and len(
-                        user.input) > 2 and user.input[0] in {d.output[0] for d in dequantizers} else None
-                    if bias is None or bias.input[0] not in initializers or bias.input[1] not in initializers:
-                        continue
-                    replaced.update(bias.input[:2])
-                    values = numpy_helper.to_array(initializers[bias.input[0]]).astype(np.float64) * ratio
-                    bias.input[0] = initializer(f"{bias.input[0]}_relu6", np.clip(
-                        np.round(values), -2**31, 2**31 - 1).astype(np.int32))
-                    bias.input[1] = initializer(f"{bias.input[1]}_relu6", (
-                        numpy_helper.to_array(initializers[bias.input[1]]) / ratio).astype(np.float32))
+                rescale_relu6(quantize, dequantizers, ceiling)
         elif pool_input is None or not _is_zero_point(initializers.get(pool_input.input[2]), TensorProto.UINT8):
             continue
         retype(quantize, dequantizers, 0)
         retyped += 1
     for quantize in list(graph.node):  # every other signed activation: the same values, shifted by 128
-        zero_point = initializers.get(quantize.input[2]) if quantize.op_type == "QuantizeLinear" and len(
-            quantize.input) > 2 else None
-        dequantizers = consumers.get(quantize.output[0], []) if zero_point is not None else []
-        if (quantize.name not in dropped and _is_zero_point(zero_point, TensorProto.INT8) and dequantizers
-                and all(d.op_type == "DequantizeLinear" and d.input[2] == quantize.input[2] for d in dequantizers)):
+        dequantizers = signed_dequantizers(quantize)
+        if dequantizers:
             retype(quantize, dequantizers, 128)
     kept = [n for n in graph.node if n.name not in dropped]
     used = {name for node in kept for name in node.input}
@@ -580,18 +590,20 @@ def precision_session(
     ``validation``."""
     from fastmlr.runtime import ort_session
 
-    precision = graph_precision(onnx.load(os.fspath(path), load_external_data=False))
+    graph = onnx.load(os.fspath(path), load_external_data=False)
+    precision = graph_precision(graph)
     if device == "cpu" and precision == "bf16":
         if not validation:
             raise ValueError(
                 "ONNX Runtime's CPU provider has no bf16 kernels, so this bf16 graph cannot run on the CPU; "
                 "run it with TensorRT or ONNX Runtime's CUDA provider, or export int8 (fast on CPUs) or fp32")
-        return ort_session(emulation_graph(onnx.load(os.fspath(path))).SerializeToString(), device=device,
+        load_external_data_for_model(graph, os.fspath(Path(path).parent))
+        return ort_session(emulation_graph(graph).SerializeToString(), device=device,
                            threads=threads)
     if device == "cpu" and precision == "int8":
-        model = onnx.load(os.fspath(path))
-        fold_relu_into_uint8(model)
-        return ort_session(model.SerializeToString(), device=device, threads=threads)
+        load_external_data_for_model(graph, os.fspath(Path(path).parent))
+        fold_relu_into_uint8(graph)
+        return ort_session(graph.SerializeToString(), device=device, threads=threads)
     if device == "cpu" and precision == "fp16" and not validation:
         warnings.warn("running an fp16 graph on ONNX Runtime's CPU provider, which computes most fp16 ops through "
                       "float32 casts: expect it slower than fp32; fp16 graphs are for GPUs (TensorRT, CUDA), "
