@@ -580,14 +580,15 @@ def emulation_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def precision_session(
-    path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None, validation: bool = False
+    path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None, validation: bool = False,
+    idle_spinning: bool = True,
 ):  # noqa: ANN201 - an onnxruntime.InferenceSession
     """An ONNX Runtime session (:func:`fastmlr.runtime.ort_session`) on a fastmlr graph of any
     precision. On the CPU, an INT8 graph runs through :func:`fold_relu_into_uint8`; a bf16 graph is
     refused (ONNX Runtime has no bf16 convolution there) unless
     ``validation``, which runs its :func:`emulation_graph`; an fp16 graph runs, with a warning that it
     is slow (ONNX Runtime's CPU provider computes most fp16 ops through float32 casts) unless
-    ``validation``."""
+    ``validation``. ``threads`` and ``idle_spinning`` are :func:`~fastmlr.runtime.ort_session`'s."""
     from fastmlr.runtime import ort_session
 
     graph = onnx.load(os.fspath(path), load_external_data=False)
@@ -598,17 +599,17 @@ def precision_session(
                 "ONNX Runtime's CPU provider has no bf16 kernels, so this bf16 graph cannot run on the CPU; "
                 "run it with TensorRT or ONNX Runtime's CUDA provider, or export int8 (fast on CPUs) or fp32")
         load_external_data_for_model(graph, os.fspath(Path(path).parent))
-        return ort_session(emulation_graph(graph).SerializeToString(), device=device,
-                           threads=threads)
+        return ort_session(emulation_graph(graph).SerializeToString(), device=device, threads=threads,
+                           idle_spinning=idle_spinning)
     if device == "cpu" and precision == "int8":
         load_external_data_for_model(graph, os.fspath(Path(path).parent))
         fold_relu_into_uint8(graph)
-        return ort_session(graph.SerializeToString(), device=device, threads=threads)
+        return ort_session(graph.SerializeToString(), device=device, threads=threads, idle_spinning=idle_spinning)
     if device == "cpu" and precision == "fp16" and not validation:
         warnings.warn("running an fp16 graph on ONNX Runtime's CPU provider, which computes most fp16 ops through "
                       "float32 casts: expect it slower than fp32; fp16 graphs are for GPUs (TensorRT, CUDA), "
                       "int8 is the fast precision on CPUs", stacklevel=2)
-    return ort_session(path, device=device, threads=threads)
+    return ort_session(path, device=device, threads=threads, idle_spinning=idle_spinning)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +62,14 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 MAX_QUEUE_DELAY_US = 0
 #: The file beside ``model.py`` that tells the Python backend what to load (a :class:`ServedModel`).
 SPEC_FILE = "fastmlr.json"
+#: Seconds ``tritonserver`` waits, once signalled, for client connections to close and models to unload.
+#: :meth:`TritonServer.stop` has unloaded the models before it signals, so this only gives responses
+#: already produced time to reach their clients; an idle keep-alive connection delays the exit no longer.
+TRITON_EXIT_TIMEOUT_S = 2
+#: The header that must carry a server's token for Triton's model-repository (load/unload) API.
+CONTROL_HEADER = "fastmlr-control"
+#: The model-repository index states of a model that may still hold requests.
+LIVE_MODEL_STATES = ("LOADING", "READY", "UNLOADING")
 SERVE_MISSING = 'Triton Inference Server is not installed: pip install -e ".[serve]" (the nvidia-pytriton wheel)'
 
 #: A runner: ImageNet-normalised float32 images ``[B, 3, S, S]`` → ``{output name: array with batch axis B}``.
@@ -178,7 +188,9 @@ def open_runner(served: ServedModel) -> Runner:
     if served.backend == "onnxruntime":
         from fastmlr.export.precision import precision_session
 
-        session = precision_session(served.artifact)
+        # The session's threads stop spinning when a run returns: in a server they share the CPUs with
+        # Triton's request handling and the Python-backend hand-over that come between runs.
+        session = precision_session(served.artifact, idle_spinning=False)
 
         def run_session(images: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
@@ -418,21 +430,33 @@ def _die_with_parent() -> None:
 class TritonServer:
     """``tritonserver`` on ``repository``, listening on ``host`` (HTTP, gRPC, metrics ports).
 
-    ``start()`` launches it; ``wait_ready(timeout)`` polls ``/v2/health/ready`` and raises
-    ``RuntimeError`` with the server's log tail if it exits or times out; ``stop()`` sends SIGTERM, so the
-    server finishes in-flight requests (up to ``exit_timeout_s``) and exits, and returns its exit code.
-    Its output goes to ``log`` (a file; ``None``: this process's stdout/stderr). A context manager.
+    ``start()`` launches it with every model of the repository loaded; ``wait_ready(timeout)`` polls
+    ``/v2/health/ready`` and raises ``RuntimeError`` with the server's log tail if it exits or times out;
+    ``stop()`` drains the models (:meth:`drain`: no new requests, the ones in flight finish), then sends
+    SIGTERM and returns the server's exit code. Its output goes to ``log`` (a file; ``None``: this
+    process's stdout/stderr). A context manager.
+
+    Triton's own shutdown waits for every open client connection to close before it unloads the models,
+    out of one exit-timeout budget: a client that merely keeps an idle keep-alive connection would use
+    the whole budget and make the server exit 1 with no request lost. So the server runs in Triton's
+    explicit model-control mode, and :meth:`drain` unloads the models through the model-repository API
+    first; once they are unloaded, a short exit timeout (:data:`TRITON_EXIT_TIMEOUT_S`) is all Triton
+    needs. That API is restricted to requests carrying this server's random token in the
+    :data:`CONTROL_HEADER` header (HTTP and gRPC), so clients cannot load or unload models. The token is
+    on Triton's command line, so local users who can read other users' processes can see it.
     """
 
     def __init__(
         self, repository: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
-        grpc_port: int = 8001, metrics_port: int = 8002, exit_timeout_s: int = 30, log: IO | None = None,
+        grpc_port: int = 8001, metrics_port: int = 8002, drain_timeout_s: float = 30, log: IO | None = None,
     ) -> None:
         self.repository = Path(repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
-        self.exit_timeout_s = exit_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.log = log
         self.process: subprocess.Popen | None = None
+        self.drained: bool | None = None  # after stop(): whether every request in flight had finished
+        self._token = secrets.token_hex(16)
         self._workspace: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -448,9 +472,12 @@ class TritonServer:
 
     def command(self, dist: TritonDistribution, backends: Path) -> list[str]:
         address = [f"--{kind}-address={self.host}" for kind in ("http", "grpc", "metrics")]
+        control = f"model-repository:{CONTROL_HEADER}={self._token}"
         return [str(dist.server), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                 *address, f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}", f"--exit-timeout-secs={self.exit_timeout_s}",
+                f"--metrics-port={self.metrics_port}", "--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api={control}", f"--grpc-restricted-protocol={control}",
+                f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
                 # The Python backend names its /dev/shm regions by this prefix: one of its own per server, so
                 # that servers on one machine never share a region.
                 f"--backend-config=python,shm-region-prefix-name=fastmlr{os.getpid()}-{os.urandom(4).hex()}-",
@@ -496,14 +523,43 @@ class TritonServer:
         tail = Path(name).read_text(errors="replace").splitlines()[-lines:]
         return ":\n" + "\n".join(tail)
 
+    def _control(self, path: str) -> Any:  # noqa: ANN401 - the endpoint's JSON
+        """POST to the model-repository API ``/v2/repository/<path>`` with this server's token."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/{path}", data=b"{}", method="POST",
+                                         headers={CONTROL_HEADER: self._token})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Unload every model: Triton answers new requests for them with an error and finishes the ones it
+        has (queued or executing). True once none is loaded, within ``timeout_s`` (default
+        ``drain_timeout_s``); False on timeout or when the server cannot be reached."""
+        deadline = time.monotonic() + (self.drain_timeout_s if timeout_s is None else timeout_s)
+        try:
+            loaded = [m["name"] for m in self._control("index") if m.get("state") in LIVE_MODEL_STATES]
+            for name in loaded:
+                self._control(f"models/{urllib.parse.quote(name)}/unload")
+            while time.monotonic() < deadline:
+                if not any(m.get("state") in LIVE_MODEL_STATES for m in self._control("index")):
+                    return True
+                time.sleep(0.05)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return False
+
     def stop(self, timeout_s: float | None = None) -> int:
-        """SIGTERM, then wait (``exit_timeout_s`` + 30 s by default; SIGKILL after that). The exit code."""
+        """:meth:`drain` (up to ``drain_timeout_s``), then SIGTERM and wait (SIGKILL after ``timeout_s``,
+        default :data:`TRITON_EXIT_TIMEOUT_S` + 30 s). The exit code: 0 when the server stopped cleanly,
+        non-zero when requests were still in flight after the drain or the server failed."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.drained = self.drain()
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
         try:
-            code = self.process.wait(timeout=self.exit_timeout_s + 30 if timeout_s is None else timeout_s)
+            code = self.process.wait(timeout=TRITON_EXIT_TIMEOUT_S + 30 if timeout_s is None else timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
@@ -556,14 +612,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--drain-timeout", type=float, default=30,
+                        help="seconds that SIGINT/SIGTERM waits for the requests in flight to finish (default 30)")
     parser.add_argument("--workdir", help="keep the exported model and Triton's model repository here "
                                           "(default: a temporary directory, removed at exit)")
     add_model_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prepare the model, start Triton, print the endpoints, and serve until SIGINT/SIGTERM; then let
-    Triton finish the requests in flight and exit 0 (1 when the server fails)."""
+    """Prepare the model, start Triton, print the endpoints, and serve until SIGINT/SIGTERM; then stop
+    taking requests, let the ones in flight finish (up to ``--drain-timeout``) and exit 0 (1 when the
+    server fails or requests were still in flight)."""
     import torch
 
     import fastmlr
@@ -573,6 +632,8 @@ def run(args: argparse.Namespace) -> int:
         port = getattr(args, option)
         if not 0 < port < 65536:
             raise ValueError(f"--{option.replace('_', '-')} must be a TCP port (1-65535), got {port}")
+    if not args.drain_timeout >= 0:
+        raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     triton_distribution()
     libpython()
     if args.workdir:
@@ -598,7 +659,8 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             write_repository(served, Path(workdir) / "repository")
             server = TritonServer(Path(workdir) / "repository", host=args.host, http_port=args.http_port,
-                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port).start()
+                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                                  drain_timeout_s=args.drain_timeout).start()
             try:
                 while not server.ready() and stop["signal"] is None:
                     if server.process.poll() is not None:
@@ -620,8 +682,11 @@ def run(args: argparse.Namespace) -> int:
             if stop["signal"] is None:
                 print(f"fastmlr serve: error: tritonserver exited with code {code}", file=sys.stderr)
                 return 1
+            if server.drained is False:
+                print(f"fastmlr serve: error: requests were still in flight {args.drain_timeout:g} s after "
+                      f"{signal.Signals(stop['signal']).name} (--drain-timeout)", file=sys.stderr)
             print(f"stopped ({signal.Signals(stop['signal']).name}); tritonserver exited with code {code}", flush=True)
-            return 0 if code == 0 else 1
+            return 0 if code == 0 and server.drained is not False else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

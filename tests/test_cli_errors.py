@@ -148,6 +148,9 @@ CASES = [
     ("serve-no-model", ["serve"], 2, REQUIRED),
     ("serve-max-batch-text", ["serve", "--model", "mcar", "--max-batch", "x"], 2, INVALID_INT),
     ("serve-port-text", ["serve", "--model", "mcar", "--http-port", "x"], 2, INVALID_INT),
+    ("serve-port-range", ["serve", "--model", "mcar", "--http-port", "70000"], 1, r"--http-port must be a TCP port"),
+    ("serve-drain-timeout", ["serve", "--model", "mcar", "--drain-timeout", "-1"], 1,
+     r"--drain-timeout must be a number of seconds >= 0, got -1"),
 ]
 
 

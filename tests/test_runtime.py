@@ -41,6 +41,10 @@ def test_session_options_reach_onnx_runtime() -> None:
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert session.get_session_options().intra_op_num_threads == 1
     assert "BASIC" in str(session.get_session_options().graph_optimization_level)
+    with pytest.raises(RuntimeError, match="force_spinning_stop"):  # ONNX Runtime's default: threads keep spinning
+        session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    idle = ort_session(tiny_graph(), idle_spinning=False).get_session_options()
+    assert idle.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 @pytest.mark.parametrize("kwargs, match", [

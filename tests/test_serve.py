@@ -112,6 +112,22 @@ def test_eager_runner_matches_the_model(tmp_path: pathlib.Path) -> None:
     np.testing.assert_array_equal(outputs["indices"], stages.indices.numpy())
 
 
+def test_onnxruntime_runner_stops_spinning_between_runs(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """In a server, ONNX Runtime's idle spinning threads would take the CPUs that Triton's request handling
+    needs between runs."""
+    import fastmlr.export.precision as precision
+
+    model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE).eval()
+    served = serve.prepare(model, tmp_path, name="m", backend="onnxruntime", max_batch=2)
+    sessions, opened = [], precision.precision_session
+    monkeypatch.setattr(precision, "precision_session", lambda path, **kw: sessions.append(opened(path, **kw))
+                        or sessions[-1])
+    outputs = serve.open_runner(served)(images(2, 3))
+    assert sessions[0].get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs["probs"], model(torch.from_numpy(images(2, 3))).numpy(), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # The real server
 
@@ -286,9 +302,31 @@ def test_health_and_metrics_endpoints(server: dict) -> None:
     assert 'nv_inference_request_success{model="baseline",version="1"}' in metrics
 
 
+def test_clients_cannot_load_or_unload_models(server: dict) -> None:
+    import urllib.error
+    import urllib.request
+
+    for action in ("unload", "load"):
+        request = urllib.request.Request(f"http://127.0.0.1:{server['http']}/v2/repository/models/baseline/{action}",
+                                         data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(request, timeout=5)
+    good = images(1, seed=400)
+    np.testing.assert_allclose(infer("grpc", server["grpc"], good), server["reference"](good)["probs"], atol=1e-5)
+
+
 def test_sigterm_finishes_the_requests_in_flight_and_exits_0(server: dict) -> None:
+    """Also with clients that keep idle connections open: Triton alone would wait its whole exit timeout
+    for them to close and then exit 1."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
     process = server["process"]
     batches = [images(8, seed=300 + i) for i in range(16)]
+    idle = [httpclient.InferenceServerClient(f"127.0.0.1:{server['http']}"),
+            grpcclient.InferenceServerClient(f"127.0.0.1:{server['grpc']}")]
+    for client in idle:
+        assert client.is_model_ready("baseline")  # the connection is open, and stays open, idle
 
     def timed(array: np.ndarray) -> tuple[np.ndarray, float]:
         return infer("http", server["http"], array), time.monotonic()
@@ -306,5 +344,9 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(server: dict) -> No
             np.testing.assert_allclose(probs, server["reference"](array)["probs"], atol=1e-5)
             finished_after_sigterm += finished > sent
     assert finished_after_sigterm >= 1
-    assert process.wait(timeout=60) == 0, server["log"].read_text()
+    try:
+        assert process.wait(timeout=20) == 0, server["log"].read_text()  # Triton's own exit timeout is 30 s
+    finally:
+        for client in idle:
+            client.close()
     assert "stopped (SIGTERM)" in server["log"].read_text()
