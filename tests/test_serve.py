@@ -350,3 +350,28 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(server: dict) -> No
         for client in idle:
             client.close()
     assert "stopped (SIGTERM)" in server["log"].read_text()
+
+
+def test_drain_refuses_new_requests_and_the_server_then_stops_cleanly() -> None:
+    reason = cannot_serve_reason()
+    if reason:
+        pytest.skip(reason)
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE).eval()
+    with serve.serving(model, name="baseline", ports=tuple(serve.free_loopback_ports(3))) as server:
+        client = httpclient.InferenceServerClient(server.http_url)  # stays open, idle, through the stop
+        try:
+            assert client.is_model_ready("baseline")
+            assert server.drain(timeout_s=30)
+            assert not client.is_model_ready("baseline")
+            request = httpclient.InferInput("images", [1, 3, SIZE, SIZE], "FP32")
+            request.set_data_from_numpy(images(1, seed=500))
+            with pytest.raises(InferenceServerException, match="has no available versions"):
+                client.infer("baseline", [request])
+            started = time.monotonic()
+            assert server.stop() == 0 and server.drained
+            assert time.monotonic() - started < 15
+        finally:
+            client.close()
