@@ -457,6 +457,9 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.drained: bool | None = None  # after stop(): whether every request in flight had finished
         self._token = secrets.token_hex(16)
+        # The Python backend names its /dev/shm regions by this prefix: one of its own per server, so that
+        # servers on one machine never share a region, and stop() can remove what a killed server left.
+        self.shm_prefix = f"fastmlr{os.getpid()}-{secrets.token_hex(4)}-"
         self._workspace: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -478,9 +481,7 @@ class TritonServer:
                 f"--metrics-port={self.metrics_port}", "--model-control-mode=explicit", "--load-model=*",
                 f"--http-restricted-api={control}", f"--grpc-restricted-protocol={control}",
                 f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
-                # The Python backend names its /dev/shm regions by this prefix: one of its own per server, so
-                # that servers on one machine never share a region.
-                f"--backend-config=python,shm-region-prefix-name=fastmlr{os.getpid()}-{os.urandom(4).hex()}-",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 "--allow-gpu-metrics=false", "--log-info=false"]
 
     def start(self) -> TritonServer:
@@ -563,6 +564,9 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):  # left behind only by a killed server
+            with contextlib.suppress(OSError):
+                region.unlink()
         if self._workspace is not None:
             self._workspace.cleanup()
             self._workspace = None
@@ -658,6 +662,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"stopped ({signal.Signals(stop['signal']).name}) before the server started", flush=True)
                 return 0
             write_repository(served, Path(workdir) / "repository")
+            serving_started = False
             server = TritonServer(Path(workdir) / "repository", host=args.host, http_port=args.http_port,
                                   grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                                   drain_timeout_s=args.drain_timeout).start()
@@ -668,7 +673,8 @@ def run(args: argparse.Namespace) -> int:
                               file=sys.stderr)
                         return 1
                     time.sleep(0.2)
-                if stop["signal"] is None:
+                serving_started = stop["signal"] is None
+                if serving_started:
                     outputs = ", ".join(f"{n} {list(d)}" for n, d in served.outputs)
                     print(f"serving {served.name} ({served.backend}, {served.precision}, max batch "
                           f"{served.max_batch}): input images [3, {served.size}, {served.size}] -> {outputs}\n"
@@ -682,11 +688,15 @@ def run(args: argparse.Namespace) -> int:
             if stop["signal"] is None:
                 print(f"fastmlr serve: error: tritonserver exited with code {code}", file=sys.stderr)
                 return 1
-            if server.drained is False:
+            if not serving_started:  # Triton may not handle signals yet: SIGTERM ends it at once
+                print(f"stopped ({signal.Signals(stop['signal']).name}) before the server was ready", flush=True)
+                return 0 if code in (0, -signal.SIGTERM) else 1
+            drain_failed = serving_started and server.drained is False
+            if drain_failed:
                 print(f"fastmlr serve: error: requests were still in flight {args.drain_timeout:g} s after "
                       f"{signal.Signals(stop['signal']).name} (--drain-timeout)", file=sys.stderr)
             print(f"stopped ({signal.Signals(stop['signal']).name}); tritonserver exited with code {code}", flush=True)
-            return 0 if code == 0 and server.drained is not False else 1
+            return 0 if code == 0 and not drain_failed else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -375,3 +375,18 @@ def test_drain_refuses_new_requests_and_the_server_then_stops_cleanly() -> None:
             assert time.monotonic() - started < 15
         finally:
             client.close()
+
+
+def test_stop_removes_the_shared_memory_a_killed_server_left() -> None:
+    reason = cannot_serve_reason()
+    if reason:
+        pytest.skip(reason)
+    model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE).eval()
+    with serve.serving(model, name="baseline", ports=tuple(serve.free_loopback_ports(3))) as server:
+        regions = sorted(pathlib.Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+        assert regions, "the Python backend's shared-memory region"
+        server.process.kill()  # no clean-up of its own
+        server.process.wait()
+        assert all(region.exists() for region in regions)
+        assert server.stop() == -signal.SIGKILL
+        assert not any(region.exists() for region in regions)
