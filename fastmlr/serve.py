@@ -564,7 +564,11 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):  # left behind only by a killed server
+        # What only a killed server leaves behind: Python-backend stubs (in its process group, as it runs in a
+        # session of its own) that would wait for it forever, and their shared-memory regions.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             with contextlib.suppress(OSError):
                 region.unlink()
         if self._workspace is not None:

@@ -5,6 +5,7 @@ the same runner in this process, bad requests, metrics, and SIGTERM with a reque
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import pathlib
 import shutil
@@ -377,16 +378,44 @@ def test_drain_refuses_new_requests_and_the_server_then_stops_cleanly() -> None:
             client.close()
 
 
-def test_stop_removes_the_shared_memory_a_killed_server_left() -> None:
+def test_stop_clears_what_a_killed_server_left(tmp_path: pathlib.Path) -> None:
+    """A killed server can leave Python-backend stubs waiting for it (seen when it is killed while a stub
+    starts) and their shared-memory regions; stop() ends what remains of its process group and removes
+    the regions. A ``sleep`` that the model starts stands in for a stuck stub."""
     reason = cannot_serve_reason()
     if reason:
         pytest.skip(reason)
-    model = fastmlr.create_model("baseline", backbone="mobilenet_v2", image_size=SIZE).eval()
-    with serve.serving(model, name="baseline", ports=tuple(serve.free_loopback_ports(3))) as server:
+    model_dir = tmp_path / "repository" / "slow"
+    (model_dir / "1").mkdir(parents=True)
+    pid_file = tmp_path / "stuck.pid"
+    (model_dir / "1" / "model.py").write_text(
+        "import pathlib, subprocess, time\n\n\nclass TritonPythonModel:\n    def initialize(self, args):\n"
+        f"        pathlib.Path({str(pid_file)!r}).write_text(str(subprocess.Popen(['sleep', '600']).pid))\n"
+        "        time.sleep(600)\n")
+    (model_dir / "config.pbtxt").write_text(
+        'name: "slow"\nbackend: "python"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    http, grpc, metrics = serve.free_loopback_ports(3)
+    with open(tmp_path / "server.log", "w") as log:
+        server = serve.TritonServer(tmp_path / "repository", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                    log=log).start()
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), (tmp_path / "server.log").read_text()
+        stuck = int(pid_file.read_text())
         regions = sorted(pathlib.Path("/dev/shm").glob(f"{server.shm_prefix}*"))
-        assert regions, "the Python backend's shared-memory region"
-        server.process.kill()  # no clean-up of its own
+        assert regions
+        server.process.kill()
         server.process.wait()
-        assert all(region.exists() for region in regions)
-        assert server.stop() == -signal.SIGKILL
-        assert not any(region.exists() for region in regions)
+        try:
+            assert os.getpgid(stuck) == server.process.pid and all(region.exists() for region in regions)
+            assert server.stop() == -signal.SIGKILL
+            deadline = time.monotonic() + 10
+            while pathlib.Path(f"/proc/{stuck}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not pathlib.Path(f"/proc/{stuck}").exists(), "the server's process group outlived stop()"
+            assert not any(region.exists() for region in regions)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGKILL)
