@@ -12,12 +12,42 @@
 - :func:`write_triton_repository`: an NVIDIA Triton Inference Server model repository.
 """
 
-from .onnx_export import output_names, to_onnx, validate_onnx
-from .tensorrt import TRTRunner, build_engine, engine_cache_key, export_engine, validate_engine
-from .tensorrt_ops import TensorRTCompatibilityError, check_tensorrt_ops
-from .torch_trt import compile_torch_tensorrt
-from .triton_server import write_triton_repository
-from .validation import TOLERANCES, ExportValidationError
+import importlib
+from typing import TYPE_CHECKING
+
+#: Each public name → the submodule that defines it. They are imported on first use, so that a process
+#: that needs one light submodule (a server's ONNX Runtime session: :mod:`.precision`) does not import
+#: PyTorch through the others.
+_SOURCES = {
+    "output_names": "onnx_export", "to_onnx": "onnx_export", "validate_onnx": "onnx_export",
+    "TRTRunner": "tensorrt", "build_engine": "tensorrt", "engine_cache_key": "tensorrt",
+    "export_engine": "tensorrt", "validate_engine": "tensorrt",
+    "TensorRTCompatibilityError": "tensorrt_ops", "check_tensorrt_ops": "tensorrt_ops",
+    "compile_torch_tensorrt": "torch_trt",
+    "write_triton_repository": "triton_server",
+    "TOLERANCES": "validation", "ExportValidationError": "validation",
+}
+
+if TYPE_CHECKING:
+    from .onnx_export import output_names, to_onnx, validate_onnx
+    from .tensorrt import TRTRunner, build_engine, engine_cache_key, export_engine, validate_engine
+    from .tensorrt_ops import TensorRTCompatibilityError, check_tensorrt_ops
+    from .torch_trt import compile_torch_tensorrt
+    from .triton_server import write_triton_repository
+    from .validation import TOLERANCES, ExportValidationError
+
+
+def __getattr__(name: str):  # noqa: ANN202 - the named object
+    if name in _SOURCES:
+        value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SOURCES})
+
 
 __all__ = [
     "TOLERANCES",

@@ -42,9 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
-from fastmlr.data import eval_transform, load_image
-
-from .validation import DEFAULT_IMAGES_DIR, find_images
+from .images import DEFAULT_IMAGES_DIR, find_images
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -118,6 +116,8 @@ def load_calibration(
         source = DEFAULT_CALIBRATION_DIR
     if not isinstance(source, (str, os.PathLike)) and len(source) == 0:
         raise ValueError("int8 needs calibration images, and the list given is empty")
+    from fastmlr.data import eval_transform, load_image  # PyTorch's transforms: only for calibration
+
     paths = find_images(source)
     if limit is not None:
         paths = paths[:limit]

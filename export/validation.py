@@ -19,8 +19,6 @@ artifact's own boxes. The result is a :class:`ValidationReport`; a failure raise
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from fastmlr import kernels
 from fastmlr.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
 
 from .decision_margins import IntervalMargins, explain_ranking
+from .images import DEFAULT_IMAGES_DIR, IMAGE_SUFFIXES, find_images  # noqa: F401 - also this module's API
 
 #: Largest allowed absolute difference of floating outputs (probabilities), by artifact precision:
 #: fp32 1e-4 and fp16 1e-2, fastmlr's export contract; bf16 scales fp16's bound by the ratio of the two
@@ -43,9 +42,6 @@ from .decision_margins import IntervalMargins, explain_ranking
 #: random-weight networks (``bench/bench_precision.py``, ``tests/test_export_precision.py``), with headroom.
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2, "int8": 0.15}
 
-#: The validation photos shipped as package data: ``coco/`` (6 COCO val2014) and ``voc/`` (4 VOC 2008).
-DEFAULT_IMAGES_DIR = Path(str(importlib.resources.files("fastmlr"))) / "assets" / "images"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class ExportValidationError(RuntimeError):
@@ -64,32 +60,6 @@ def tolerance_for(precision: str) -> float:
     if precision not in TOLERANCES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(TOLERANCES)}")
     return TOLERANCES[precision]
-
-
-def find_images(source: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> list[Path]:
-    """The validation images: every ``.jpg/.jpeg/.png`` under a directory (recursively, sorted), or the
-    given files. ``None`` means the packaged images, :data:`DEFAULT_IMAGES_DIR` (a ``FileNotFoundError``
-    if the installation lacks them). A directory or file that was named explicitly but is missing raises
-    ``FileNotFoundError``; a named directory without images raises ``ValueError``."""
-    if source is None:
-        if not DEFAULT_IMAGES_DIR.is_dir():
-            raise FileNotFoundError(f"this installation lacks the packaged validation images: {DEFAULT_IMAGES_DIR}")
-        source = DEFAULT_IMAGES_DIR
-    if isinstance(source, (str, os.PathLike)):
-        root = Path(source)
-        if not root.exists():
-            raise FileNotFoundError(f"validation image directory not found: {root}")
-        if root.is_file():
-            return [root]
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {root}")
-        return paths
-    paths = [Path(p) for p in source]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"validation images not found: {missing}")
-    return paths
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from fastmlr.checks import check_output_dir
 from fastmlr.cli import add_model_options, model_arguments
 
 INPUT_NAME = "images"
@@ -181,9 +180,8 @@ def open_runner(served: ServedModel) -> Runner:
     """The runner of ``served``: the PyTorch model (``eager``, CPU), an ONNX Runtime session on the graph
     (:func:`fastmlr.export.precision.precision_session`, which opens it through
     :func:`fastmlr.runtime.ort_session`; CPU), :class:`fastmlr.export.TRTRunner` on the engine, or the
-    torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`."""
-    import torch
-
+    torch-tensorrt module from :func:`fastmlr.export.compile_torch_tensorrt`. The ONNX Runtime runner
+    does not import PyTorch, so a server's Python-backend process holds ONNX Runtime and the graph only."""
     names = [name for name, _ in served.outputs]
     if served.backend == "onnxruntime":
         from fastmlr.export.precision import precision_session
@@ -196,6 +194,8 @@ def open_runner(served: ServedModel) -> Runner:
             return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
 
         return run_session
+    import torch
+
     if served.backend == "trt":
         from fastmlr.export import TRTRunner
 
@@ -645,6 +645,8 @@ def run(args: argparse.Namespace) -> int:
     triton_distribution()
     libpython()
     if args.workdir:
+        from fastmlr.checks import check_output_dir
+
         check_output_dir(args.workdir, "--workdir")
     stop = {"signal": None}
 
