@@ -640,6 +640,9 @@ def run(args: argparse.Namespace) -> int:
         port = getattr(args, option)
         if not 0 < port < 65536:
             raise ValueError(f"--{option.replace('_', '-')} must be a TCP port (1-65535), got {port}")
+    if ":" in args.host:  # Triton joins address and port as "HOST:PORT", which an IPv6 literal breaks
+        raise ValueError(f"--host must be an IPv4 address or a host name: Triton 2.51 cannot listen on the IPv6 "
+                         f"address {args.host!r}")
     if not args.drain_timeout >= 0:
         raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     triton_distribution()

@@ -149,6 +149,8 @@ CASES = [
     ("serve-max-batch-text", ["serve", "--model", "mcar", "--max-batch", "x"], 2, INVALID_INT),
     ("serve-port-text", ["serve", "--model", "mcar", "--http-port", "x"], 2, INVALID_INT),
     ("serve-port-range", ["serve", "--model", "mcar", "--http-port", "70000"], 1, r"--http-port must be a TCP port"),
+    ("serve-host-ipv6", ["serve", "--model", "mcar", "--host", "::1"], 1,
+     "--host must be an IPv4 address or a host name: Triton 2.51 cannot listen on the IPv6 address '::1'"),
     ("serve-drain-timeout", ["serve", "--model", "mcar", "--drain-timeout", "-1"], 1,
      r"--drain-timeout must be a number of seconds >= 0, got -1"),
 ]
