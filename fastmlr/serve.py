@@ -564,10 +564,11 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        # What only a killed server leaves behind: Python-backend stubs (in its process group, as it runs in a
-        # session of its own) that would wait for it forever, and their shared-memory regions.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        # What only a failed or killed server leaves behind: Python-backend stubs (in its process group, as it
+        # runs in a session of its own) that would wait for it forever, and their shared-memory regions.
+        if code != 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             with contextlib.suppress(OSError):
                 region.unlink()
@@ -700,7 +701,7 @@ def run(args: argparse.Namespace) -> int:
             if not serving_started:  # Triton may not handle signals yet: SIGTERM ends it at once
                 print(f"stopped ({signal.Signals(stop['signal']).name}) before the server was ready", flush=True)
                 return 0 if code in (0, -signal.SIGTERM) else 1
-            drain_failed = serving_started and server.drained is False
+            drain_failed = server.drained is False
             if drain_failed:
                 print(f"fastmlr serve: error: requests were still in flight {args.drain_timeout:g} s after "
                       f"{signal.Signals(stop['signal']).name} (--drain-timeout)", file=sys.stderr)
