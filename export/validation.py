@@ -43,7 +43,6 @@ from .images import DEFAULT_IMAGES_DIR, IMAGE_SUFFIXES, find_images  # noqa: F40
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2, "int8": 0.15}
 
 
-
 class ExportValidationError(RuntimeError):
     """The artifact's outputs differ from PyTorch's; the message says in which stage, where and by how
     much. ``stage`` names the failing stage, ``report`` is the :class:`ValidationReport` (when one was
