@@ -176,6 +176,24 @@ def time_server(
     return {**row, "inferences": after[0] - before[0], "executions": executions}
 
 
+def server_memory(server: serve.TritonServer) -> dict[str, dict[str, float]]:
+    """Resident memory (MiB, now and peak: ``VmRSS``, ``VmHWM``) of each process of the server's process
+    group (``tritonserver`` and its Python-backend stubs), by executable name."""
+    memory = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != server.process.pid:
+                continue
+            status = dict(line.split(":", 1) for line in (stat.parent / "status").read_text().splitlines())
+            name = Path((stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode()).name
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+        kib = {key: int(status[field].split()[0]) for key, field in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+        memory[name] = {key: value / 1024 for key, value in kib.items()}
+    return memory
+
+
 def time_in_process(runner: serve.Runner, pool: np.ndarray, batch: int, duration_s: float) -> dict:
     """The runner called back to back on batches of ``batch`` pool images for ``duration_s``."""
     batches = [np.ascontiguousarray(np.take(pool, range(i, i + batch), axis=0, mode="wrap")) for i in range(4)]
@@ -256,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
 
         soak = drive(soak_client, 8, POOL, args.soak, check)
         soak = summarize_row({**soak, "max_abs_diff": max_diff[0]})
+        memory = server_memory(server)
         code = server.stop()
     env = capture_environment()
     env["versions"]["nvidia-pytriton"] = _version("nvidia-pytriton")
@@ -265,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
                        "soak_s": args.soak,
                        "tolerance": TOLERANCE, "triton": "2.51 (nvidia-pytriton's tritonserver)"},
             "environment": env, "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-            "rows": rows, "soak": soak, "server_exit_code": code,
+            "rows": rows, "soak": soak, "server_memory_mib": memory, "server_exit_code": code,
             "targets": targets(rows, soak)}
 
 
@@ -335,6 +354,9 @@ def render_markdown(result: dict) -> str:
                   f"{config['tolerance']:.0e}); p50 {format_ms(soak['p50_ms'])} ms, "
                   f"p99 {format_ms(soak['p99_ms'])} ms, "
                   f"{soak['images_per_s']:.1f} images/s. Server exit code after SIGTERM: {result['server_exit_code']}.",
+              "", "Resident memory of the server's processes after the soak (peak in brackets): " + ", ".join(
+                  f"{name} {m['rss']:.0f} MiB ({m['peak']:.0f})"
+                  for name, m in sorted(result["server_memory_mib"].items())) + ".",
               "", markdown_table(["target", "measured", "met"],
                                  [[t["target"], t["measured"], "yes" if t["met"] else "**no**"]
                                   for t in result["targets"]])]
