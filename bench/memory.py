@@ -41,3 +41,25 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
     before = process_status_bytes("VmRSS")
     fn()
     return process_status_bytes("VmHWM") - before
+
+
+def process_group_memory(pgid: int) -> dict[str, dict[str, float]]:
+    """Resident memory (MiB, now and peak: ``VmRSS``, ``VmHWM``) of each live process of process group
+    ``pgid``, by executable name; a Triton Python-backend stub is named after the model it serves
+    (``triton_python_backend_stub <model>``, from the ``<model>/<version>/model.py`` it runs)."""
+    memory = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            status = dict(line.split(":", 1) for line in (stat.parent / "status").read_text().splitlines())
+            argv = [Path(a.decode()) for a in (stat.parent / "cmdline").read_bytes().split(b"\0") if a]
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+        name = argv[0].name
+        if len(argv) > 1 and argv[1].name == "model.py":
+            name = f"{name} {argv[1].parent.parent.name}"
+        kib = {key: int(status[field].split()[0]) for key, field in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+        memory[name] = {key: value / 1024 for key, value in kib.items()}
+    return memory

@@ -39,6 +39,7 @@ import torch
 
 import fastmlr
 from bench.environment import capture_environment, describe_machine
+from bench.memory import process_group_memory
 from bench.writers import (
     check_result_files,
     format_ms,
@@ -176,24 +177,6 @@ def time_server(
     return {**row, "inferences": after[0] - before[0], "executions": executions}
 
 
-def server_memory(server: serve.TritonServer) -> dict[str, dict[str, float]]:
-    """Resident memory (MiB, now and peak: ``VmRSS``, ``VmHWM``) of each process of the server's process
-    group (``tritonserver`` and its Python-backend stubs), by executable name."""
-    memory = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != server.process.pid:
-                continue
-            status = dict(line.split(":", 1) for line in (stat.parent / "status").read_text().splitlines())
-            name = Path((stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode()).name
-        except (OSError, ValueError, IndexError):  # ended meanwhile
-            continue
-        kib = {key: int(status[field].split()[0]) for key, field in (("rss", "VmRSS"), ("peak", "VmHWM"))}
-        memory[name] = {key: value / 1024 for key, value in kib.items()}
-    return memory
-
-
 def time_in_process(runner: serve.Runner, pool: np.ndarray, batch: int, duration_s: float) -> dict:
     """The runner called back to back on batches of ``batch`` pool images for ``duration_s``."""
     batches = [np.ascontiguousarray(np.take(pool, range(i, i + batch), axis=0, mode="wrap")) for i in range(4)]
@@ -274,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
 
         soak = drive(soak_client, 8, POOL, args.soak, check)
         soak = summarize_row({**soak, "max_abs_diff": max_diff[0]})
-        memory = server_memory(server)
+        memory = process_group_memory(server.process.pid)
         code = server.stop()
     env = capture_environment()
     env["versions"]["nvidia-pytriton"] = _version("nvidia-pytriton")

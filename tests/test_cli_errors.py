@@ -232,6 +232,7 @@ BENCH_CASES = [
     ("bench_precision", ["--out", "{readonly}/precision.json"], "cannot write in"),
     ("serve", ["--out", "{file}"], "exists; pass --overwrite"),
     ("serve", ["--out", "{tmp}/serve.txt"], "the suffix must be one of"),
+    ("serve_memory", ["--out", "{file}"], "exists; pass --overwrite"),
     ("plot", ["{file}", "--out", "{tmp}"], "the suffix must be one of .png"),
     ("plot", ["{file}", "--out", "{readonly}/plot.png"], "cannot write in"),
 ]
