@@ -40,12 +40,7 @@ import torch
 import fastmlr
 from bench.environment import capture_environment, describe_machine
 from bench.memory import process_group_memory
-from bench.writers import (
-    check_result_files,
-    format_ms,
-    markdown_table,
-    write_json_and_markdown,
-)
+from bench.writers import format_ms, markdown_table, run_script
 from fastmlr import serve
 from fastmlr.testing import calibrate_batchnorm
 
@@ -364,12 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_result_files("serve.py", args.out, args.overwrite)
-    result = run(args)
-    markdown = render_markdown(result)
-    write_json_and_markdown(result, args.out, markdown)
-    print(markdown)
-    return 0
+    return run_script("serve.py", args, run, render_markdown)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import fastmlr
 from bench.environment import capture_environment, describe_machine
 from bench.memory import process_group_memory
-from bench.writers import check_result_files, markdown_table, write_json_and_markdown
+from bench.writers import markdown_table, run_script
 from fastmlr import serve
 from fastmlr.testing import calibrate_batchnorm
 
@@ -105,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="result JSON (markdown written beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     args = parser.parse_args(argv)
-    check_result_files("serve_memory.py", args.out, args.overwrite)
-    result = run(args)
-    markdown = render_markdown(result)
-    write_json_and_markdown(result, args.out, markdown)
-    print(markdown)
-    return 0
+    return run_script("serve_memory.py", args, run, render_markdown)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -84,3 +85,18 @@ def write_json_and_markdown(result: Mapping, json_path: Path, markdown: str) -> 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(to_json(result))
     json_path.with_suffix(".md").write_text(markdown)
+
+
+def run_script(
+    script: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], Mapping],
+    render_markdown: Callable[[Mapping], str],
+) -> int:
+    """A benchmark script's ``main`` after parsing: check ``args.out`` (and ``args.overwrite``) before
+    anything is measured (:func:`check_result_files`), ``run(args)``, write the result as JSON at
+    ``args.out`` and its ``render_markdown`` beside it, print the markdown; 0."""
+    check_result_files(script, args.out, args.overwrite)
+    result = run(args)
+    markdown = render_markdown(result)
+    write_json_and_markdown(result, args.out, markdown)
+    print(markdown)
+    return 0
